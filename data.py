@@ -1,0 +1,535 @@
+"""BraTS slices: read (Kaggle .h5, official NIfTI, synthetic phantoms), preprocess, cache, split, serve.
+
+One canonical channel order everywhere: CHANNELS = (FLAIR, T1, T1Gd, T2), the order of the Kaggle .h5 files
+(see README, "Channel order"). Every source becomes volumes of slices taken along the last NIfTI axis (z),
+is normalised per volume and per modality, resized with OpenCV, and cached on disk once as compact arrays:
+float16 images (S, C, size, size), uint8 masks (S, size, size) and the uint8 mask at the original 240 x 240
+resolution, which is what every reported metric is measured against.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+CHANNELS = ("flair", "t1", "t1ce", "t2")  # T2-FLAIR, T1, T1Gd (contrast-enhanced), T2
+FLAIR = CHANNELS.index("flair")
+RAW_SIZE = 240  # BraTS in-plane size, both layouts
+CACHE_VERSION = 1
+KAGGLE_DATASET = "awsaf49/brats2020-training-data"
+H5_NAME = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
+DEFAULT_SYNTHETIC = (12, 40)  # volumes x slices of `--data synthetic`
+
+
+class DataError(Exception):
+    """Bad or missing input data; its message is the one line a user sees."""
+
+
+def default_cache_dir() -> Path:
+    """The user's cache directory: $BRATS_CACHE, else $XDG_CACHE_HOME/brats-unet, else ~/.cache/brats-unet."""
+    if os.environ.get("BRATS_CACHE"):
+        return Path(os.environ["BRATS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "brats-unet"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readers: each yields (volume id, image (S, 240, 240, 4) float32, label (S, 240, 240) uint8 in {0,1,2,4}).
+
+
+def h5_folder(root: Path) -> Path:
+    """The folder that holds the volume_<V>_slice_<S>.h5 files: ROOT itself or ROOT/BraTS2020_training_data/content/data."""
+    nested = root / "BraTS2020_training_data" / "content" / "data"
+    return nested if nested.is_dir() else root
+
+
+def list_h5(root: Path) -> dict[str, list[Path]]:
+    """Group the .h5 slices of a Kaggle-layout folder by volume, slices in order."""
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    folder = h5_folder(root)
+    volumes: dict[str, list[tuple[int, Path]]] = {}
+    for entry in os.scandir(folder):
+        m = H5_NAME.match(entry.name)
+        if m:
+            volumes.setdefault(m.group(1), []).append((int(m.group(2)), Path(entry.path)))
+    if not volumes:
+        raise DataError(f"no volume_<V>_slice_<S>.h5 files in {folder}")
+    return {v: [p for _, p in sorted(files)] for v, files in sorted(volumes.items(), key=lambda kv: int(kv[0]))}
+
+
+def read_h5_volume(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Read one volume's slices; the one-hot `mask` (labels 1, 2, 4) becomes a label map."""
+    import h5py
+
+    image = np.empty((len(files), RAW_SIZE, RAW_SIZE, len(CHANNELS)), np.float32)
+    label = np.zeros((len(files), RAW_SIZE, RAW_SIZE), np.uint8)
+    for i, path in enumerate(files):
+        try:
+            with h5py.File(path, "r") as f:
+                img, mask = f["image"][()], f["mask"][()]
+        except Exception as e:  # h5py raises OSError, KeyError, ... for damaged files
+            raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if img.shape != image.shape[1:]:
+            raise DataError(f"{path}: image has shape {img.shape}, expected {image.shape[1:]}")
+        if mask.shape != (RAW_SIZE, RAW_SIZE, 3):
+            raise DataError(f"{path}: mask has shape {mask.shape}, expected {(RAW_SIZE, RAW_SIZE, 3)}")
+        if not np.isin(mask, (0, 1)).all() or (mask.sum(-1) > 1).any():
+            raise DataError(f"{path}: mask is not a one-hot of labels 1, 2, 4 (values {np.unique(mask)[:8].tolist()})")
+        image[i] = img
+        label[i] = (mask.astype(np.uint8) * np.array([1, 2, 4], np.uint8)).sum(-1)
+    return image, label
+
+
+def nifti_file(case_dir: Path, name: str) -> Path | None:
+    """`<case>_<name>.nii[.gz]` in a case folder (BraTS 2018-2020 naming), or None."""
+    for suffix in (".nii.gz", ".nii"):
+        hits = sorted(case_dir.glob(f"*_{name}{suffix}"))
+        if hits:
+            return hits[0]
+    return None
+
+
+def list_nifti(root: Path) -> dict[str, Path]:
+    """Case folders under ROOT that hold a FLAIR file, by case name."""
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    cases = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and nifti_file(d, "flair")}
+    if not cases:
+        raise DataError(f"no BraTS case folders (<case>/<case>_flair.nii[.gz]) in {root}")
+    return cases
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(data, affine, voxel spacing) of one NIfTI file; a damaged file is a DataError naming it."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as e:
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return data, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def read_nifti_case(case_dir: Path, need_label: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[float, ...]]:
+    """One case folder → image (S, H, W, 4) float32 with slices along z, label (S, H, W) or None, affine, spacing."""
+    files = {m: nifti_file(case_dir, m) for m in CHANNELS}
+    missing = [m for m, p in files.items() if p is None]
+    if missing:
+        raise DataError(f"{case_dir}: missing modality {', '.join(missing)} (expected <case>_{missing[0]}.nii[.gz])")
+    vols, affine, spacing, shape = [], None, None, None
+    for m in CHANNELS:
+        data, aff, sp = load_nifti(files[m])
+        if data.ndim != 3 or (shape is not None and data.shape != shape):
+            raise DataError(f"{files[m]}: shape {data.shape}, expected a 3D volume {shape or '(240, 240, 155)'}")
+        shape, affine, spacing = data.shape, (aff if affine is None else affine), (sp if spacing is None else spacing)
+        vols.append(data.astype(np.float32))
+    if shape[:2] != (RAW_SIZE, RAW_SIZE):
+        raise DataError(f"{files['flair']}: in-plane shape {shape[:2]}, expected ({RAW_SIZE}, {RAW_SIZE})")
+    image = np.stack(vols, -1).transpose(2, 0, 1, 3)  # (x, y, z, c) -> (z, x, y, c)
+    label = None
+    seg = nifti_file(case_dir, "seg")
+    if seg is None and need_label:
+        raise DataError(f"{case_dir}: missing label file <case>_seg.nii[.gz]")
+    if seg is not None:
+        data, _, _ = load_nifti(seg)
+        if data.shape != shape:
+            raise DataError(f"{seg}: shape {data.shape}, expected {shape} like the images")
+        if not np.isin(data, (0, 1, 2, 4)).all():
+            bad = sorted(set(np.unique(data).tolist()) - {0, 1, 2, 4})
+            raise DataError(f"{seg}: labels {bad[:5]} outside {{0, 1, 2, 4}}")
+        label = data.astype(np.uint8).transpose(2, 0, 1)
+    return image, label, affine, spacing
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic phantoms, written in the Kaggle .h5 layout so that the offline path runs the real reader.
+
+
+def synthetic_volume(rng: np.random.Generator, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """A brain-like phantom: an ellipsoid head with cortex, white matter and ventricles, and a nested
+    tumour (necrotic core 1 ⊂ enhancing rim 4 ⊂ oedema 2) of random size and place; four contrasts that differ."""
+    n = RAW_SIZE
+    z, y, x = np.meshgrid(np.linspace(-1, 1, n_slices), np.linspace(-1, 1, n), np.linspace(-1, 1, n), indexing="ij")
+    a, b, c = rng.uniform(0.62, 0.78), rng.uniform(0.75, 0.88), rng.uniform(0.85, 1.0)
+    r_brain = (x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2
+    brain = r_brain < 1
+    wm = r_brain < 0.55
+    vent = ((np.abs(x) - 0.12) / 0.08) ** 2 + (y / 0.3) ** 2 + (z / 0.35) ** 2 < 1
+    # tumour: an ellipsoid inside the brain, radius from tiny to large
+    centre = rng.uniform(-0.45, 0.45, 3) * np.array([a, b, c * 0.6])
+    radius = rng.uniform(0.08, 0.4) * rng.uniform(0.8, 1.2, 3)
+    r_tumour = sum(((g - m) / s) ** 2 for g, m, s in zip((x, y, z), centre, radius))
+    warp = 0.15 * np.sin(7 * x + rng.uniform(0, 6)) * np.sin(5 * y + rng.uniform(0, 6))
+    r_tumour = r_tumour + warp
+    oedema = brain & (r_tumour < 1.0)
+    enhancing = brain & (r_tumour < 0.35)
+    necrotic = brain & (r_tumour < 0.15)
+    label = np.zeros(brain.shape, np.uint8)
+    label[oedema], label[enhancing], label[necrotic] = 2, 4, 1
+    # tissue intensities per contrast: (background, cortex, white matter, CSF, oedema, enhancing, necrosis)
+    table = {
+        "flair": (0, 0.55, 0.45, 0.1, 1.0, 0.8, 0.6),
+        "t1": (0, 0.55, 0.75, 0.15, 0.45, 0.5, 0.25),
+        "t1ce": (0, 0.55, 0.72, 0.15, 0.45, 1.0, 0.2),
+        "t2": (0, 0.6, 0.45, 1.0, 0.85, 0.7, 0.95),
+    }
+    tissue = np.zeros(brain.shape, np.uint8)
+    tissue[brain], tissue[wm], tissue[vent & brain] = 1, 2, 3
+    tissue[label == 2], tissue[label == 4], tissue[label == 1] = 4, 5, 6
+    bias = 1 + 0.15 * x * rng.uniform(-1, 1) + 0.15 * y * rng.uniform(-1, 1)
+    image = np.empty((n_slices, n, n, len(CHANNELS)), np.float32)
+    for i, m in enumerate(CHANNELS):
+        contrast = np.asarray(table[m], np.float32)[tissue] * bias
+        contrast += rng.normal(0, 0.04, contrast.shape).astype(np.float32)
+        image[..., i] = np.where(brain, np.clip(contrast, 0.01, None) * rng.uniform(300, 1200), 0)
+    return image, label
+
+
+def write_synthetic(folder: Path, n_volumes: int, n_slices: int, seed: int = 0) -> Path:
+    """Write phantoms as Kaggle-layout .h5 slices (image (240, 240, 4) float32, mask (240, 240, 3) one-hot) once."""
+    import h5py
+
+    data = folder / "BraTS2020_training_data" / "content" / "data"
+    done = folder / "complete"
+    if done.exists():
+        return folder
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for v in tqdm(range(1, n_volumes + 1), desc="writing synthetic phantoms", unit="vol"):
+        image, label = synthetic_volume(rng, n_slices)
+        onehot = np.stack([label == 1, label == 2, label == 4], -1).astype(np.uint8)
+        for s in range(n_slices):
+            tmp = data / f".tmp_volume_{v}_slice_{s}.h5"
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("image", data=image[s], compression="lzf")
+                f.create_dataset("mask", data=onehot[s], compression="lzf")
+            os.replace(tmp, data / f"volume_{v}_slice_{s}.h5")
+    done.write_text(f"{n_volumes}x{n_slices} seed {seed}\n")
+    return folder
+
+
+def kaggle_download() -> Path:
+    """Download the Kaggle .h5 slices with kagglehub; fail fast with one line when Kaggle is out of reach."""
+    try:
+        socket.create_connection(("www.kaggle.com", 443), timeout=5).close()
+    except OSError as e:
+        raise DataError(f"cannot reach Kaggle to download {KAGGLE_DATASET} ({e.__class__.__name__}: {e}); "
+                        "offline, use --data nifti:DIR (official BraTS folders) or --data synthetic") from None
+    try:
+        import kagglehub
+
+        return Path(kagglehub.dataset_download(KAGGLE_DATASET))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"kagglehub could not download {KAGGLE_DATASET} ({type(e).__name__}: {first}); check Kaggle "
+                        "credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY), or use --data nifti:DIR "
+                        "or --data synthetic") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def normalise_volume(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Z-score each modality over the brain voxels of its volume, after clipping to the 0.5-99.5th percentile.
+
+    Each slice's background value (its minimum, per modality) is first moved to 0: raw BraTS already has a 0
+    background, while the Kaggle .h5 slices were z-scored one slice at a time, background included, which
+    leaves a negative constant background that differs per slice. Brain = voxels where any modality is above
+    its background. Statistics are per volume, not per slice, so intensities stay comparable within a
+    patient; percentiles tame rare scanner outliers (one sample case peaks at 32767 against ~600 elsewhere).
+    """
+    if not np.isfinite(image).all():
+        raise DataError("image has NaN or infinite voxels")
+    image = image - image.min(axis=(1, 2), keepdims=True)
+    flat = image.reshape(-1, image.shape[-1])
+    brain = (flat > 0).any(-1)
+    out = np.zeros_like(flat)
+    if brain.any():
+        for c in range(flat.shape[1]):
+            v = flat[brain, c]
+            lo, hi = np.percentile(v, (0.5, 99.5))
+            v = np.clip(v, lo, hi)
+            out[brain, c] = (v - v.mean()) / max(float(v.std()), 1e-6)
+    return out.reshape(image.shape), brain.reshape(image.shape[:-1])
+
+
+def resize_slices(x: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    """Resize (S, H, W[, C]) slices to size x size: area averaging for images, nearest for masks."""
+    if x.shape[1:3] == (size, size):
+        return x.copy()
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    return np.stack([cv2.resize(s, (size, size), interpolation=interp) for s in x]) if len(x) else \
+        np.zeros((0, size, size, *x.shape[3:]), x.dtype)
+
+
+def preprocess_volume(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image (S, 240, 240, 4) → (kept slice indices, normalised float16 images (S', 4, size, size)).
+
+    Slices with no brain are dropped: nothing to segment, and they would only teach the model the background.
+    """
+    norm, brain = normalise_volume(image)
+    keep = np.flatnonzero(brain.any((1, 2)))
+    images = resize_slices(norm[keep], size, nearest=False).astype(np.float16)
+    return keep, np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The on-disk cache: one folder per (source, size, format version); three .npy files per volume; meta.json last.
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    """`kaggle`, `synthetic[:VxS]`, `h5:DIR` or `nifti:DIR` → (kind, argument)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in ("kaggle", "synthetic", "h5", "nifti"):
+        raise DataError(f"unknown --data source {spec!r}: use kaggle, synthetic[:VOLUMESxSLICES], h5:DIR or nifti:DIR")
+    if kind in ("h5", "nifti") and not arg:
+        raise DataError(f"--data {kind}: needs a folder, e.g. --data {kind}:/path/to/data")
+    if kind == "synthetic" and arg and not re.fullmatch(r"\d+x\d+", arg):
+        raise DataError(f"--data synthetic:{arg}: expected synthetic:VOLUMESxSLICES, e.g. synthetic:12x40")
+    return kind, arg
+
+
+def fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha1()
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".tmp_{path.name}")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp_{path.name}")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Cache:
+    """A finished cache folder and its meta.json (volumes in order, their slices and spacing)."""
+
+    root: Path
+    meta: dict
+
+    @property
+    def volume_ids(self) -> list[str]:
+        return [v["id"] for v in self.meta["volumes"]]
+
+    def volume(self, vid: str) -> dict:
+        return next(v for v in self.meta["volumes"] if v["id"] == vid)
+
+    def images(self, vid: str, mmap: bool = False) -> np.ndarray:
+        return np.load(self.root / f"images_{vid}.npy", mmap_mode="r" if mmap else None)
+
+    def masks(self, vid: str, mmap: bool = False) -> np.ndarray:
+        return np.load(self.root / f"masks_{vid}.npy", mmap_mode="r" if mmap else None)
+
+    def full_masks(self, vid: str) -> np.ndarray:
+        """The whole-tumour mask of the kept slices at the original 240 x 240 resolution."""
+        return np.load(self.root / f"full_{vid}.npy")
+
+
+def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
+    """Resolve a --data source, build its preprocessed cache once (volume by volume), and return it."""
+    if size <= 0:
+        raise DataError(f"--size must be positive, got {size}")
+    kind, arg = parse_source(spec)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    if kind == "synthetic":
+        n_vol, n_sl = (int(t) for t in arg.split("x")) if arg else DEFAULT_SYNTHETIC
+        if n_vol < 1 or n_sl < 1:
+            raise DataError(f"--data synthetic:{arg}: needs at least one volume and one slice")
+        kind, root = "h5", write_synthetic(cache_dir / f"synthetic-v{CACHE_VERSION}-{n_vol}x{n_sl}", n_vol, n_sl)
+    elif kind == "kaggle":
+        kind, root = "h5", kaggle_download()
+    else:
+        root = Path(arg).expanduser()
+
+    if kind == "h5":
+        groups = list_h5(root)
+        files = [p for fs in groups.values() for p in fs]
+        readers = {v: (lambda fs=fs: read_h5_volume(fs) + ((1.0, 1.0, 1.0),)) for v, fs in groups.items()}
+    else:
+        cases = list_nifti(root)
+        files = sorted(p for d in cases.values() for p in d.iterdir() if ".nii" in p.name)
+
+        def read(d: Path):
+            image, label, _, spacing = read_nifti_case(d)
+            return image, label, spacing
+        readers = {v: (lambda d=d: read(d)) for v, d in cases.items()}
+
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, kind, str(root.resolve()), fingerprint(files), size]).encode()).hexdigest()[:16]
+    folder = cache_dir / f"{kind}-{size}-{key}"
+    if (folder / "meta.json").exists():
+        return Cache(folder, json.loads((folder / "meta.json").read_text()))
+    folder.mkdir(parents=True, exist_ok=True)
+    volumes = []
+    for vid, read in tqdm(readers.items(), desc=f"caching {kind} at {size}px", unit="vol"):
+        if not re.fullmatch(r"[\w.-]+", vid):
+            raise DataError(f"volume name {vid!r} has characters that cannot name a cache file")
+        image, label, spacing = read()
+        try:
+            keep, images = preprocess_volume(image, size)
+        except DataError as e:
+            raise DataError(f"volume {vid} in {root}: {e}") from None
+        whole = (label[keep] > 0).astype(np.uint8)
+        atomic_save_npy(folder / f"full_{vid}.npy", whole)
+        atomic_save_npy(folder / f"masks_{vid}.npy", resize_slices(whole, size, nearest=True))
+        atomic_save_npy(folder / f"images_{vid}.npy", images)
+        volumes.append({"id": vid, "depth": int(image.shape[0]), "slices": keep.tolist(),
+                        "dropped": int(image.shape[0] - len(keep)), "spacing": list(spacing)})
+        del image, label, images
+    meta = {"version": CACHE_VERSION, "source": spec, "root": str(root), "size": size, "channels": list(CHANNELS),
+            "volumes": volumes, "kept": sum(len(v["slices"]) for v in volumes),
+            "dropped": sum(v["dropped"] for v in volumes)}
+    atomic_write_text(folder / "meta.json", json.dumps(meta))
+    return Cache(folder, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Split by patient
+
+
+def split_volumes(volume_ids: list[str], seed: int, fractions: tuple[float, float] = (0.15, 0.15)) -> dict[str, list[str]]:
+    """Seeded split of volumes (patients) into train / val / test, 70 / 15 / 15, val and test at least one each."""
+    n = len(volume_ids)
+    if n < 3:
+        raise DataError(f"need at least 3 volumes to split by patient into train/val/test, found {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, round(fractions[0] * n))
+    n_test = max(1, round(fractions[1] * n))
+    ids = [volume_ids[i] for i in order]
+    return {"train": sorted(ids[n_val + n_test:]), "val": sorted(ids[:n_val]), "test": sorted(ids[n_val:n_val + n_test])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-memory slices: loaded once into device memory (or pinned host memory), batches drawn and augmented there.
+
+
+@dataclass
+class SliceSet:
+    """Slices of some volumes, held as tensors: images (N, C, H, W) float16, masks (N, H, W) uint8."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    volume: torch.Tensor  # (N,) index into volume_ids, on the CPU
+    volume_ids: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str = "cpu") -> SliceSet:
+    """Load the cached slices of these volumes into one tensor on `device`, volume by volume.
+
+    On CUDA, when the set does not fit in free memory (with 4 GB headroom), it stays in pinned host memory
+    and batches are copied over without blocking; one line says so.
+    """
+    device = torch.device(device)
+    counts = [len(cache.volume(v)["slices"]) for v in volume_ids]
+    n, size = sum(counts), cache.meta["size"]
+    target = device
+    if device.type == "cuda":
+        need = n * (len(channels) + 1) * size * size * 2
+        free, _ = torch.cuda.mem_get_info(device)
+        if need + 4 * 2**30 > free:
+            print(f"dataset ({need / 2**30:.1f} GB) does not fit in free GPU memory ({free / 2**30:.1f} GB): "
+                  "keeping it in pinned host memory")
+            target = torch.device("cpu")
+    pin = device.type == "cuda" and target.type == "cpu"
+    images = torch.empty((n, len(channels), size, size), dtype=torch.float16, device=target, pin_memory=pin)
+    masks = torch.empty((n, size, size), dtype=torch.uint8, device=target, pin_memory=pin)
+    start = 0
+    for vid, c in zip(volume_ids, counts):
+        img = cache.images(vid, mmap=True)[:, channels]
+        images[start:start + c].copy_(torch.from_numpy(np.ascontiguousarray(img)))
+        masks[start:start + c].copy_(torch.from_numpy(cache.masks(vid)))
+        start += c
+    volume = torch.repeat_interleave(torch.arange(len(volume_ids)), torch.tensor(counts, dtype=torch.long))
+    return SliceSet(images, masks, volume, list(volume_ids))
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random dihedral transform (flips and 90° rotations), intensity scale/shift per channel and, optionally,
+    a small rotation + zoom through grid_sample; the same geometry for image (N, C, H, W) and mask (N, 1, H, W)."""
+    n, c, dev = x.shape[0], x.shape[1], x.device
+
+    def coin() -> torch.Tensor:
+        return torch.rand(n, 1, 1, 1, device=dev, generator=generator) < 0.5
+
+    if x.shape[-1] == x.shape[-2]:
+        t = coin()
+        x, y = torch.where(t, x.transpose(-1, -2), x), torch.where(t, y.transpose(-1, -2), y)
+    for dim in (-1, -2):
+        f = coin()
+        x, y = torch.where(f, x.flip(dim), x), torch.where(f, y.flip(dim), y)
+    scale = 1 + 0.1 * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
+    shift = 0.1 * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
+    x = torch.where(x != 0, x * scale + shift, x)
+    if affine:
+        angle = (2 * torch.rand(n, device=dev, generator=generator) - 1) * math.radians(15)
+        zoom = 1 + 0.1 * (2 * torch.rand(n, device=dev, generator=generator) - 1)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
+        grid = torch.nn.functional.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
+        y = torch.nn.functional.grid_sample(y, grid.to(y.dtype), mode="nearest", align_corners=False)
+    return x, y
+
+
+def iterate_batches(data: SliceSet, batch_size: int, generator: torch.Generator, device: torch.device,
+                    drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled batches (float32 images, float32 masks (N, 1, H, W)) drawn by indexing on the device."""
+    n = len(data)
+    order = torch.randperm(n, device=data.images.device, generator=generator) if generator is not None else \
+        torch.arange(n, device=data.images.device)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        idx = order[i:i + batch_size]
+        x, y = data.images[idx], data.masks[idx]
+        if x.device != device:
+            x, y = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device), \
+                y.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else y.to(device)
+        yield x.float(), y.unsqueeze(1).float()
+
+
+class DiskSlices(torch.utils.data.Dataset):
+    """The usual recipe, kept as the baseline: slices read one at a time from the memory-mapped disk cache
+    by DataLoader workers. (image float16 (C, H, W), mask uint8 (H, W))."""
+
+    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int]):
+        self.cache, self.channels = cache, channels
+        self.index = [(v, k) for v in volume_ids for k in range(len(cache.volume(v)["slices"]))]
+        self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # opened lazily, per worker process
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        vid, k = self.index[i]
+        if vid not in self.arrays:
+            self.arrays[vid] = (self.cache.images(vid, mmap=True), self.cache.masks(vid, mmap=True))
+        images, masks = self.arrays[vid]
+        return torch.from_numpy(np.ascontiguousarray(images[k, self.channels])), torch.from_numpy(np.array(masks[k]))

@@ -1,0 +1,90 @@
+"""Segmentation metrics: Dice, IoU, HD95, and the post-processing they are measured after.
+
+Conventions (MONAI `ignore_empty=True`, nnU-Net): a sample whose target is empty scores NaN, so means
+skip it; the slices with an empty target that still get predicted pixels are counted separately as
+false-positive slices. Every reported metric is taken at the original 240 x 240 resolution.
+"""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+from scipy import ndimage
+
+
+def _flat_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    p = pred.reshape(pred.shape[0], -1).bool()
+    t = target.reshape(target.shape[0], -1).bool()
+    inter = (p & t).sum(1).double()
+    return inter, p.sum(1).double(), t.sum(1).double()
+
+
+def dice_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice = 2|A∩B| / (|A| + |B|) per sample of (N, ...) boolean masks; NaN where the target is empty."""
+    inter, p, t = _flat_counts(pred, target)
+    score = 2 * inter / (p + t).clamp_min(1)
+    return torch.where(t > 0, score, torch.full_like(score, math.nan)).float()
+
+
+def iou_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU = |A∩B| / |A∪B| per sample of (N, ...) boolean masks; NaN where the target is empty."""
+    inter, p, t = _flat_counts(pred, target)
+    score = inter / (p + t - inter).clamp_min(1)
+    return torch.where(t > 0, score, torch.full_like(score, math.nan)).float()
+
+
+def false_positive_slices(pred: torch.Tensor, target: torch.Tensor) -> int:
+    """Number of samples whose target is empty but whose prediction has at least one pixel."""
+    _, p, t = _flat_counts(pred, target)
+    return int(((t == 0) & (p > 0)).sum())
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm between two boolean volumes.
+
+    NaN when the target is empty; when the prediction is empty but the target is not, the volume's diagonal
+    (373.13 mm for BraTS), the convention of the BraTS challenge.
+    """
+    pred, target = np.asarray(pred, bool), np.asarray(target, bool)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {pred.shape} and {target.shape}")
+    if not target.any():
+        return math.nan
+    if not pred.any():
+        return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
+
+    def surface(mask: np.ndarray) -> np.ndarray:
+        return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+    sp, st = surface(pred), surface(target)
+    dist_to_target = ndimage.distance_transform_edt(~st, sampling=spacing)
+    dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return float(max(np.percentile(dist_to_target[sp], 95), np.percentile(dist_to_pred[st], 95)))
+
+
+def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop 8-connected components smaller than `min_size` pixels from each 2D slice of a (..., H, W) mask."""
+    mask = np.asarray(mask, bool)
+    if min_size <= 1:
+        return mask
+    out = np.zeros_like(mask)
+    flat_in, flat_out = mask.reshape(-1, *mask.shape[-2:]), out.reshape(-1, *mask.shape[-2:])
+    for i, m in enumerate(flat_in):
+        if not m.any():
+            continue
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+        keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+        keep[0] = False
+        flat_out[i] = keep[labels]
+    return out
+
+
+def nanmean(values) -> float:
+    """Mean that skips NaN; NaN when nothing is left."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else math.nan
