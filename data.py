@@ -208,7 +208,7 @@ def write_synthetic(folder: Path, n_volumes: int, n_slices: int, seed: int = 0) 
         return folder
     data.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for v in tqdm(range(1, n_volumes + 1), desc="writing synthetic phantoms", unit="vol"):
+    for v in tqdm(range(1, n_volumes + 1), desc="writing synthetic phantoms", unit="vol", disable=None):
         image, label = synthetic_volume(rng, n_slices)
         onehot = np.stack([label == 1, label == 2, label == 4], -1).astype(np.uint8)
         for s in range(n_slices):
@@ -222,12 +222,17 @@ def write_synthetic(folder: Path, n_volumes: int, n_slices: int, seed: int = 0) 
 
 
 def kaggle_download() -> Path:
-    """Download the Kaggle .h5 slices with kagglehub; fail fast with one line when Kaggle is out of reach."""
-    try:
-        socket.create_connection(("www.kaggle.com", 443), timeout=5).close()
-    except OSError as e:
-        raise DataError(f"cannot reach Kaggle to download {KAGGLE_DATASET} ({e.__class__.__name__}: {e}); "
-                        "offline, use --data nifti:DIR (official BraTS folders) or --data synthetic") from None
+    """Download the Kaggle .h5 slices with kagglehub (or reuse its local copy); fail fast, in one line, offline."""
+    cached = Path(os.environ.get("KAGGLEHUB_CACHE", Path.home() / ".cache" / "kagglehub")) / "datasets" / KAGGLE_DATASET / "versions"
+    versions = sorted((p for p in cached.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    if versions and any(versions[-1].iterdir()):
+        return versions[-1]
+    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        try:  # kagglehub retries for minutes without a network: ask the network first
+            socket.create_connection(("www.kaggle.com", 443), timeout=5).close()
+        except OSError as e:
+            raise DataError(f"cannot reach Kaggle to download {KAGGLE_DATASET} ({e.__class__.__name__}: {e}); "
+                            "offline, use --data nifti:DIR (official BraTS folders) or --data synthetic") from None
     try:
         import kagglehub
 
@@ -374,10 +379,10 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
         cases = list_nifti(root)
         files = sorted(p for d in cases.values() for p in d.iterdir() if ".nii" in p.name)
 
-        def read(d: Path):
+        def read_case(d: Path):
             image, label, _, spacing = read_nifti_case(d)
             return image, label, spacing
-        readers = {v: (lambda d=d: read(d)) for v, d in cases.items()}
+        readers = {v: (lambda d=d: read_case(d)) for v, d in cases.items()}
 
     key = hashlib.sha1(json.dumps([CACHE_VERSION, kind, str(root.resolve()), fingerprint(files), size]).encode()).hexdigest()[:16]
     folder = cache_dir / f"{kind}-{size}-{key}"
@@ -385,10 +390,10 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
         return Cache(folder, json.loads((folder / "meta.json").read_text()))
     folder.mkdir(parents=True, exist_ok=True)
     volumes = []
-    for vid, read in tqdm(readers.items(), desc=f"caching {kind} at {size}px", unit="vol"):
+    for vid, reader in tqdm(readers.items(), desc=f"caching {kind} at {size}px", unit="vol", disable=None):
         if not re.fullmatch(r"[\w.-]+", vid):
             raise DataError(f"volume name {vid!r} has characters that cannot name a cache file")
-        image, label, spacing = read()
+        image, label, spacing = reader()
         try:
             keep, images = preprocess_volume(image, size)
         except DataError as e:

@@ -401,8 +401,6 @@ def main(cfg: TrainConfig) -> None:
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     out = Path(cfg.out)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         print(json.dumps(asdict(cfg)))
 
     # --- data: the cache is built once (by rank 0), split by patient, and the training set moved to the device
@@ -414,8 +412,10 @@ def main(cfg: TrainConfig) -> None:
         cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir)
     split = data.split_volumes(cache.volume_ids, cfg.seed)
     channels = channel_list(cfg.channel)
-    if master:
-        (out / "split.json").write_text(json.dumps(split, indent=2))
+    if master:  # the run folder is written only once the data is known to be good
+        out.mkdir(parents=True, exist_ok=True)
+        data.atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
+        data.atomic_write_text(out / "split.json", json.dumps(split, indent=2))
         print(f"data: {len(cache.volume_ids)} volumes, {cache.meta['kept']} slices with brain "
               f"({cache.meta['dropped']} without brain dropped); split by patient {len(split['train'])}/"
               f"{len(split['val'])}/{len(split['test'])} volumes; channels {[data.CHANNELS[c] for c in channels]}")
@@ -470,7 +470,7 @@ def main(cfg: TrainConfig) -> None:
         t0 = time.perf_counter()
         sums = torch.zeros(5, device=device)  # loss, intersection, predicted, true, batches
         bar = tqdm(total=batches_per_epoch * batch_size * world, desc=f"epoch {epoch}/{cfg.epochs}", unit="slice",
-                   disable=not master, leave=True, dynamic_ncols=True)
+                   disable=None if master else True, dynamic_ncols=True)  # None: only on a terminal
         for x, y in batches():
             if cfg.augment:
                 x, y = data.augment(x, y, aug_generator, affine=cfg.affine)
@@ -504,6 +504,9 @@ def main(cfg: TrainConfig) -> None:
                   "slices_per_s": nb * batch_size * world / seconds}
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_dice=f"{val_dice:.3f}", slices_s=f"{record['slices_per_s']:.0f}")
         bar.close()
+        if bar.disable and master:  # no terminal: one plain line per epoch instead of the bar
+            print(f"epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, val Dice "
+                  f"{val_dice:.4f}, val IoU {val_iou:.4f}, {record['slices_per_s']:.0f} slices/s", flush=True)
         improved = val_dice > best_dice
         if improved:
             best_dice, best_epoch, stale = val_dice, epoch, 0

@@ -1,0 +1,221 @@
+"""Readers, preprocessing, the on-disk cache, the patient split and on-device batches."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import SAMPLE_CASES, write_h5_slices
+
+
+def test_h5_reader_matches_nifti_reader_on_real_slices(sample_dir, real_h5):
+    groups = data.list_h5(real_h5)
+    assert list(groups) == ["1", "2", "3"] and len(groups["1"]) == 16
+    image, label = data.read_h5_volume(groups["2"])
+    ref_image, ref_label, affine, spacing = data.read_nifti_case(sample_dir / SAMPLE_CASES[1])
+    np.testing.assert_array_equal(image, ref_image[45:109:4])
+    np.testing.assert_array_equal(label, ref_label[45:109:4])
+    assert set(np.unique(label)) <= {0, 1, 2, 4} and label.max() > 0
+    assert ref_image.shape == (155, 240, 240, 4) and spacing == (1.0, 1.0, 1.0) and affine.shape == (4, 4)
+
+
+def test_h5_dir_may_point_at_the_folder_of_files(real_h5):
+    nested = real_h5 / "BraTS2020_training_data" / "content" / "data"
+    assert data.list_h5(nested) == data.list_h5(real_h5)
+
+
+def test_nifti_accepts_brats2020_naming_and_uncompressed(sample_dir, tmp_path):
+    import nibabel as nib
+
+    case = tmp_path / "BraTS20_Training_001"
+    case.mkdir()
+    src = sample_dir / SAMPLE_CASES[0]
+    for m in (*data.CHANNELS, "seg"):
+        img = nib.load(str(src / f"{SAMPLE_CASES[0]}_{m}.nii.gz"))
+        nib.save(img, str(case / f"BraTS20_Training_001_{m}.nii"))
+    image, label, _, _ = data.read_nifti_case(case)
+    ref_image, ref_label, _, _ = data.read_nifti_case(src)
+    np.testing.assert_array_equal(image, ref_image)
+    np.testing.assert_array_equal(label, ref_label)
+    assert list(data.list_nifti(tmp_path)) == ["BraTS20_Training_001"]
+
+
+def test_normalisation_is_per_volume_zscore_over_brain_and_undoes_slice_offsets():
+    rng = np.random.default_rng(0)
+    image = np.zeros((6, 240, 240, 4), np.float32)
+    image[1:5, 60:180, 60:180] = rng.uniform(100, 900, (4, 120, 120, 4))
+    norm, brain = data.normalise_volume(image)
+    assert brain.sum() == 4 * 120 * 120 and not brain[0].any() and not brain[5].any()
+    for c in range(4):
+        v = norm[..., c][brain]
+        assert abs(v.mean()) < 1e-4 and abs(v.std() - 1) < 1e-3
+    assert (norm[~brain] == 0).all()
+    # the Kaggle files z-score each slice, background included: a per-slice offset must not change the result
+    shifted = image - rng.uniform(1, 3, (6, 1, 1, 4)).astype(np.float32)
+    norm2, brain2 = data.normalise_volume(shifted)
+    assert (brain2 == brain).all()
+    np.testing.assert_allclose(norm2, norm, atol=1e-3)
+
+
+def test_preprocess_drops_slices_without_brain_and_resizes():
+    image = np.zeros((5, 240, 240, 4), np.float32)
+    image[2:4, 100:140, 90:150] = 5.0
+    image[2:4, 110:120, 100:110] = 9.0
+    keep, out = data.preprocess_volume(image, 48)
+    assert keep.tolist() == [2, 3]
+    assert out.shape == (2, 4, 48, 48) and out.dtype == np.float16
+
+
+def test_split_is_by_patient_seeded_and_70_15_15():
+    ids = [f"v{i}" for i in range(20)]
+    s = data.split_volumes(ids, seed=3)
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (14, 3, 3)
+    assert set(s["train"]) | set(s["val"]) | set(s["test"]) == set(ids)
+    assert not (set(s["train"]) & set(s["val"]) or set(s["train"]) & set(s["test"]) or set(s["val"]) & set(s["test"]))
+    assert data.split_volumes(ids, seed=3) == s and data.split_volumes(ids, seed=4) != s
+    three = data.split_volumes(["a", "b", "c"], seed=0)
+    assert [len(three[k]) for k in ("train", "val", "test")] == [1, 1, 1]
+    with pytest.raises(data.DataError, match="at least 3 volumes"):
+        data.split_volumes(["a", "b"], seed=0)
+
+
+def test_synthetic_goes_through_the_h5_layout_and_the_cache_round_trips(tmp_path):
+    cache = data.prepare("synthetic:3x8", 32, tmp_path)
+    h5 = sorted((tmp_path / "synthetic-v1-3x8" / "BraTS2020_training_data" / "content" / "data").glob("*.h5"))
+    assert len(h5) == 24
+    assert cache.volume_ids == ["1", "2", "3"]
+    # the cache holds exactly what preprocessing gives on the raw volume
+    image, label = data.read_h5_volume(data.list_h5(tmp_path / "synthetic-v1-3x8")["2"])
+    keep, images = data.preprocess_volume(image, 32)
+    meta = cache.volume("2")
+    assert meta["slices"] == keep.tolist() and meta["depth"] == 8 and meta["dropped"] == 8 - len(keep)
+    np.testing.assert_array_equal(cache.images("2"), images)
+    np.testing.assert_array_equal(cache.full_masks("2"), (label[keep] > 0).astype(np.uint8))
+    assert cache.images("2").dtype == np.float16 and cache.masks("2").dtype == np.uint8
+    assert cache.masks("2").shape == (len(keep), 32, 32)
+    assert set(np.unique(label)) <= {0, 1, 2, 4} and {1, 2, 4} <= set(np.unique(label))
+    assert not list(cache.root.glob(".tmp*"))
+
+
+def test_cache_is_reused_and_keyed_by_size(tmp_path, monkeypatch):
+    first = data.prepare("synthetic:3x4", 16, tmp_path)
+    stamp = (first.root / "meta.json").stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(data, "preprocess_volume", boom)
+    t = time.perf_counter()
+    again = data.prepare("synthetic:3x4", 16, tmp_path)
+    assert time.perf_counter() - t < 2
+    assert again.root == first.root and (again.root / "meta.json").stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    other = data.prepare("synthetic:3x4", 24, tmp_path)
+    assert other.root != first.root and other.meta["size"] == 24
+
+
+def test_load_slices_and_batches(tmp_path):
+    cache = data.prepare("synthetic:3x6", 16, tmp_path)
+    ids = cache.volume_ids
+    s = data.load_slices(cache, ids, [0], "cpu")
+    n = sum(len(cache.volume(v)["slices"]) for v in ids)
+    assert s.images.shape == (n, 1, 16, 16) and s.images.dtype == torch.float16 and s.masks.shape == (n, 16, 16)
+    assert s.volume.tolist() == sum(([i] * len(cache.volume(v)["slices"]) for i, v in enumerate(ids)), [])
+    np.testing.assert_array_equal(s.images[:, 0].numpy(), np.concatenate([cache.images(v)[:, 0] for v in ids]))
+    g = torch.Generator().manual_seed(0)
+    batches = list(data.iterate_batches(s, 4, g, torch.device("cpu")))
+    assert len(batches) == n // 4 and all(x.shape == (4, 1, 16, 16) and y.shape == (4, 1, 16, 16) for x, y in batches)
+
+
+def test_augment_moves_image_and_mask_together():
+    g = torch.Generator().manual_seed(1)
+    y = (torch.rand(16, 1, 24, 24, generator=g) > 0.7).float()
+    x = torch.cat([y * 3.0, y * 3.0], 1)  # image is a copy of the mask: geometry must stay aligned
+    xa, ya = data.augment(x, y, g)
+    assert ((xa[:, :1] != 0) == (ya > 0.5)).all()
+    assert not torch.equal(ya, y)  # something moved
+    assert set(torch.unique(ya).tolist()) <= {0.0, 1.0}
+    xb, yb = data.augment(x, y, g, affine=True)
+    assert xb.shape == x.shape and set(torch.unique(yb).tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("dropbox:x", "unknown --data source"),
+    ("h5:", "needs a folder"),
+    ("synthetic:lots", "VOLUMESxSLICES"),
+])
+def test_bad_source_specs(spec, message, tmp_path):
+    with pytest.raises(data.DataError, match=message):
+        data.prepare(spec, 32, tmp_path)
+
+
+def test_bad_h5_inputs_name_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (2, 240, 240, 4)).astype(np.float32)
+    label = np.zeros((2, 240, 240), np.uint8)
+    good = tmp_path / "good"
+    write_h5_slices(good, 1, image, label, range(2))
+
+    corrupt = tmp_path / "corrupt"
+    write_h5_slices(corrupt, 1, image, label, range(2))
+    (corrupt / "volume_1_slice_1.h5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(data.DataError, match="volume_1_slice_1.h5"):
+        data.read_h5_volume(data.list_h5(corrupt)["1"])
+
+    wrong = tmp_path / "wrong"
+    write_h5_slices(wrong, 1, image[:, :120, :120], label[:, :120, :120], range(2))
+    with pytest.raises(data.DataError, match=r"shape \(120, 120, 4\)"):
+        data.read_h5_volume(data.list_h5(wrong)["1"])
+
+    nan = image.copy()
+    nan[0, 5, 5, 2] = np.nan
+    with pytest.raises(data.DataError, match="NaN"):
+        data.normalise_volume(nan)
+
+    with pytest.raises(data.DataError, match="no volume_<V>_slice_<S>.h5"):
+        data.list_h5(tmp_path / "good" / "..")
+    with pytest.raises(data.DataError, match="not found"):
+        data.list_h5(tmp_path / "missing")
+
+
+def test_bad_nifti_inputs(sample_dir, tmp_path):
+    import nibabel as nib
+
+    src = sample_dir / SAMPLE_CASES[0]
+    case = tmp_path / "case1"
+    case.mkdir()
+    for m in ("flair", "t1", "t2"):
+        os.symlink(src / f"{SAMPLE_CASES[0]}_{m}.nii.gz", case / f"case1_{m}.nii.gz")
+    with pytest.raises(data.DataError, match="missing modality t1ce"):
+        data.read_nifti_case(case)
+    (case / "case1_t1ce.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(data.DataError, match="case1_t1ce.nii.gz"):
+        data.read_nifti_case(case)
+    os.remove(case / "case1_t1ce.nii.gz")
+    os.symlink(src / f"{SAMPLE_CASES[0]}_t1ce.nii.gz", case / "case1_t1ce.nii.gz")
+    seg = nib.load(str(src / f"{SAMPLE_CASES[0]}_seg.nii.gz"))
+    bad = np.asarray(seg.dataobj).copy()
+    bad[100, 100, 70] = 3
+    nib.save(nib.Nifti1Image(bad, seg.affine), str(case / "case1_seg.nii.gz"))
+    with pytest.raises(data.DataError, match=r"labels \[3\] outside"):
+        data.read_nifti_case(case)
+    nib.save(nib.Nifti1Image(bad[:, :, :100], seg.affine), str(case / "case1_seg.nii.gz"))
+    with pytest.raises(data.DataError, match="shape"):
+        data.read_nifti_case(case)
+
+
+def test_failed_build_leaves_no_half_written_cache(tmp_path):
+    src = tmp_path / "h5"
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (2, 240, 240, 4)).astype(np.float32)
+    label = np.zeros((2, 240, 240), np.uint8)
+    write_h5_slices(src, 1, image, label, range(2))
+    write_h5_slices(src, 2, image, label, range(2))
+    (src / "volume_2_slice_0.h5").write_bytes(b"broken")
+    with pytest.raises(data.DataError, match="volume_2_slice_0.h5"):
+        data.prepare(f"h5:{src}", 16, tmp_path / "cache")
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1
+    assert not (built[0] / "meta.json").exists() and not list(built[0].glob(".tmp*"))

@@ -1,0 +1,273 @@
+"""Tests for fused_dice: the Triton path (CPU interpreter) against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+import fused_dice as fd
+
+pytestmark = pytest.mark.skipif(not fd.HAS_TRITON, reason="triton is not installed")
+
+SHAPE = (2, 1, 17, 19)  # 323 elements per sample: not a multiple of any block size below
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Tiny launch sizes so the tiny tensors still span several blocks and reduce-loop trips."""
+    monkeypatch.setattr(fd, "BLOCK", 32)
+    monkeypatch.setattr(fd, "ITERS", 2)  # 64 elements per program: 6 blocks per sample of SHAPE
+    monkeypatch.setattr(fd, "REDUCE_N", 4)
+    monkeypatch.setattr(fd, "REDUCE_B", 4)  # 6 blocks -> two trips of the reduce loop
+
+
+def run(logits, target, backend="triton", **kw):
+    """(loss, grad w.r.t. logits) through the public API."""
+    x = logits.detach().clone().requires_grad_()
+    loss = fd.dice_bce_loss(x, target, backend=backend, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def ref(logits, target, **kw):
+    """The one oracle: the reference function, upcast to float64."""
+    x = logits.detach().double().requires_grad_()
+    loss = fd.dice_bce_loss_reference(x, target.double(), **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def check(logits, target, rtol=1e-5, atol=1e-7, grad_rtol=1e-4, **kw):
+    loss, grad = run(logits, target, **kw)
+    want_loss, want_grad = ref(logits, target, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=1e-6)
+    scale = want_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), want_grad, rtol=grad_rtol, atol=atol + grad_rtol * scale)
+
+
+def randn(*shape, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+def mask(*shape, seed=1, p=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=g) < p).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# exact values
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_exact_hand_value(backend, mode):
+    # logits 0 -> p = 1/2 everywhere; target all ones on a 2x2 image.
+    # BCE = ln 2; I = 2, P = 2, Y = 4: Dice = (2*2 + 1) / (2 + 4 + 1) = 5/7.
+    # dL/dx = (p - y)/4 - dD/dp * p(1 - p) = -1/8 - (2*7 - 5)/49 * 1/4 = -1/8 - 9/196.
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.ones(1, 1, 2, 2)
+    loss, grad = run(logits, target, backend=backend, mode=mode)
+    assert loss.item() == pytest.approx(math.log(2) + 2 / 7, rel=1e-6)
+    torch.testing.assert_close(grad, torch.full_like(logits, -1 / 8 - 9 / 196))
+
+
+# ---------------------------------------------------------------------------------------------
+# against the float64 reference
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+@pytest.mark.parametrize("shape", [SHAPE, (1, 1, 17, 19), (5, 2, 3, 7), (6,)])
+def test_matches_reference(mode, shape):
+    # (5, 2, 3, 7): more samples than REDUCE_N; (6,): one element per sample
+    check(randn(*shape), mask(*shape), mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_weights_smooth_and_soft_targets(mode):
+    target = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3))
+    check(randn(*SHAPE), target, mode=mode, smooth=1e-3, bce_weight=0.25, dice_weight=2.0)
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+@pytest.mark.parametrize("fill", [0.0, 1.0], ids=["empty_mask", "full_mask"])
+def test_empty_and_full_masks(mode, fill):
+    check(randn(*SHAPE), torch.full(SHAPE, fill), mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_one_empty_sample(mode):
+    target = mask(*SHAPE)
+    target[0] = 0
+    check(randn(*SHAPE), target, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_saturated_logits(mode):
+    logits = torch.where(randn(*SHAPE) > 0, 80.0, -80.0)
+    target = mask(*SHAPE, p=0.5)
+    loss, grad = run(logits, target, mode=mode)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    check(logits, target, mode=mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_half_precision_logits(dtype, mode):
+    # The interpreter runs both dtypes on this torch/triton; math is float32 inside, so the loss
+    # matches tightly and the gradient is off only by its final rounding to the logits' dtype.
+    logits = randn(*SHAPE).to(dtype)
+    check(logits, mask(*SHAPE), mode=mode, grad_rtol=1e-2)
+
+
+@pytest.mark.parametrize("tdtype", [torch.bool, torch.uint8, torch.float16])
+def test_target_dtypes(tdtype):
+    target = mask(*SHAPE).to(tdtype)
+    check(randn(*SHAPE), target, mode="image")
+    loss_a, grad_a = run(randn(*SHAPE), target, mode="image")
+    loss_b, grad_b = run(randn(*SHAPE), mask(*SHAPE), mode="image")
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+
+
+def test_grad_output_scaling():
+    x = randn(*SHAPE).requires_grad_()
+    (3.0 * fd.dice_bce_loss(x, mask(*SHAPE), backend="triton")).backward()
+    _, grad = ref(randn(*SHAPE), mask(*SHAPE))
+    torch.testing.assert_close(x.grad.double(), 3.0 * grad, rtol=1e-4, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism, layout, saved memory
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_deterministic(mode):
+    logits, target = randn(5, 2, 3, 7), mask(5, 2, 3, 7)
+    loss_a, grad_a = run(logits, target, mode=mode)
+    loss_b, grad_b = run(logits, target, mode=mode)
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_channels_last(dtype, mode):
+    shape = (2, 3, 5, 7)
+    logits = randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    target = mask(*shape)  # contiguous: laid out differently from the logits
+    x = logits.clone().requires_grad_()
+    loss = fd.dice_bce_loss(x, target, mode=mode, backend="triton")
+    loss.backward()
+    assert x.grad.stride() == logits.stride()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    _, grad_torch = run(logits, target, mode=mode, backend="torch")
+    assert grad_torch.stride() == logits.stride()
+    check(logits, target, mode=mode, grad_rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
+    # same numbers as the contiguous layout, up to float32 summation order
+    loss_c, grad_c = run(logits.contiguous(), target, mode=mode)
+    torch.testing.assert_close(loss, loss_c)
+    torch.testing.assert_close(x.grad.contiguous(), grad_c, rtol=1e-2, atol=1e-6)
+
+
+def test_non_dense_logits():
+    base = randn(2, 1, 17, 40)
+    logits = base[..., ::2]  # strided view: no dense order, goes through .contiguous()
+    check(logits, mask(2, 1, 17, 20), mode="image")
+
+
+def test_saves_only_inputs_and_small_stats():
+    shape = (3, 1, 5, 7)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    x = randn(*shape).requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fd.dice_bce_loss(x, mask(*shape), backend="triton")
+    assert sorted(saved) == sorted([shape, shape, (shape[0] + 1, 4)])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+
+
+def test_opcheck():
+    x = randn(*SHAPE).requires_grad_()
+    torch.library.opcheck(fd._dice_bce_fwd, (x, mask(*SHAPE), "image", 1.0, 1.0, 1.0))
+
+
+def test_no_graph_break():
+    def fn(x, y):
+        return fd.dice_bce_loss(x, y, mode="image", backend="triton")
+
+    explained = torch._dynamo.explain(fn)(randn(*SHAPE), mask(*SHAPE))
+    assert explained.graph_break_count == 0
+    assert explained.graph_count == 1
+
+
+def test_compiled_training_step_fullgraph():
+    # Inductor on CPU: the loss stays one extern op (fake impls trace it, the interpreter runs it),
+    # and AOTAutograd puts the backward op in the compiled backward graph.
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+    x, y = randn(*SHAPE), mask(*SHAPE).bool()
+
+    def step(x, y):
+        return fd.dice_bce_loss(conv(x), y, mode="image", backend="triton")
+
+    loss = torch.compile(step, fullgraph=True)(x, y)
+    loss.backward()
+    got = conv.weight.grad.clone()
+    conv.weight.grad = None
+    want = fd.dice_bce_loss(conv(x), y, mode="image", backend="torch")
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, conv.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend selection and validation
+
+
+def test_auto_uses_reference_on_cpu():
+    logits, target = randn(*SHAPE), mask(*SHAPE)
+    loss_auto, grad_auto = run(logits, target, backend="auto")
+    loss_ref, grad_ref = run(logits, target, backend="torch")
+    assert torch.equal(loss_auto, loss_ref) and torch.equal(grad_auto, grad_ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(
+    "logits, target, kwargs, argname, expected",
+    [
+        (torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, 8), {}, "target", "same shape as logits (2, 1, 8, 8)"),
+        (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4), {}, "logits", "float32, bfloat16 or float16"),
+        (torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 4), {}, "logits", "float32"),
+        (torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.int32), {}, "target", "float, uint8 or bool"),
+        (torch.zeros(2, 4), torch.zeros(2, 4, device="meta"), {}, "target", "same device as logits"),
+        (torch.zeros(0, 4), torch.zeros(0, 4), {}, "logits", "non-empty"),
+        (torch.zeros(()), torch.zeros(()), {}, "logits", "shape (N, ...)"),
+        ([0.0, 1.0], torch.zeros(2), {}, "logits", "torch.Tensor"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), {"mode": "pixel"}, "mode", "'batch', 'image'"),
+    ],
+)
+def test_value_errors(backend, logits, target, kwargs, argname, expected):
+    with pytest.raises(ValueError) as err:
+        fd.dice_bce_loss(logits, target, backend=backend, **kwargs)
+    assert str(err.value).startswith(argname + ":")
+    assert expected in str(err.value)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match=r"^backend: expected one of"):
+        fd.dice_bce_loss(torch.zeros(2, 4), torch.zeros(2, 4), backend="cuda")
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(fd, "TRITON_INTERPRET", False)
+    with pytest.raises(ValueError, match=r"^logits: backend='triton' expected a CUDA tensor"):
+        fd.dice_bce_loss(torch.zeros(2, 4), torch.zeros(2, 4), backend="triton")

@@ -1,0 +1,84 @@
+"""Metric values on hand-made masks, including the empty-target conventions."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+
+
+def masks(*rows: str) -> torch.Tensor:
+    """A (1, H, W) boolean mask from strings of '.' and '#'."""
+    return torch.tensor([[c == "#" for c in r] for r in rows])[None]
+
+
+def test_dice_and_iou_exact_values():
+    pred = masks("##..", "##..", "....")
+    target = masks(".##.", ".##.", "....")
+    # |A| = 4, |B| = 4, |A∩B| = 2 → Dice 4/8, IoU 2/6
+    assert metrics.dice_score(pred, target).tolist() == [0.5]
+    assert metrics.iou_score(pred, target).item() == pytest.approx(1 / 3)
+
+
+def test_perfect_and_disjoint():
+    a = masks("#..", "...")
+    b = masks("..#", "...")
+    assert metrics.dice_score(a, a).item() == 1.0
+    assert metrics.iou_score(a, a).item() == 1.0
+    assert metrics.dice_score(a, b).item() == 0.0
+    assert metrics.iou_score(a, b).item() == 0.0
+
+
+def test_empty_target_is_nan_and_counted_as_false_positive_slice():
+    empty = torch.zeros(3, 4, 4, dtype=torch.bool)
+    pred = empty.clone()
+    pred[1, 0, 0] = True  # one stray pixel on an empty slice
+    d, j = metrics.dice_score(pred, empty), metrics.iou_score(pred, empty)
+    assert d.shape == (3,) and torch.isnan(d).all() and torch.isnan(j).all()
+    assert metrics.false_positive_slices(pred, empty) == 1
+    assert metrics.false_positive_slices(empty, empty) == 0
+
+
+def test_batch_mixes_values_and_nan_means_skip_nan():
+    target = torch.zeros(2, 2, 2, dtype=torch.bool)
+    target[0, 0, 0] = True
+    pred = target.clone()
+    d = metrics.dice_score(pred, target)
+    assert d[0].item() == 1.0 and math.isnan(d[1].item())
+    assert metrics.nanmean(d.tolist()) == 1.0
+    assert math.isnan(metrics.nanmean([math.nan]))
+
+
+def test_shape_mismatch_names_shapes():
+    with pytest.raises(ValueError, match=r"\(1, 2, 2\).*\(1, 3, 3\)"):
+        metrics.dice_score(torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(1, 3, 3, dtype=torch.bool))
+
+
+def test_hd95_of_shifted_cube_is_the_shift_in_mm():
+    target = np.zeros((20, 20, 20), bool)
+    target[5:12, 5:12, 5:12] = True
+    pred = np.roll(target, 2, axis=2)
+    assert metrics.hd95(target, target) == 0.0
+    assert metrics.hd95(pred, target) == pytest.approx(2.0)
+    # anisotropic voxels: a shift of 2 voxels along an axis of 1.5 mm spacing is 3 mm
+    assert metrics.hd95(pred, target, spacing=(1.0, 1.0, 1.5)) == pytest.approx(3.0)
+
+
+def test_hd95_empty_conventions():
+    empty = np.zeros((4, 6, 8), bool)
+    some = empty.copy()
+    some[1, 2, 3] = True
+    assert math.isnan(metrics.hd95(some, empty))
+    assert metrics.hd95(empty, some) == pytest.approx(math.sqrt(4**2 + 6**2 + 8**2))
+
+
+def test_remove_small_components_per_slice():
+    m = np.zeros((2, 8, 8), bool)
+    m[0, :3, :3] = True      # 9 pixels
+    m[0, 6, 6] = True        # 1 pixel
+    m[1, 4:6, 4:6] = True    # 4 pixels
+    out = metrics.remove_small_components(m, 4)
+    assert out[0, :3, :3].all() and not out[0, 6, 6] and out[1, 4:6, 4:6].all()
+    assert out.sum() == 13
+    assert (metrics.remove_small_components(m, 0) == m).all()

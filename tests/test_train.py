@@ -1,0 +1,170 @@
+"""train.py end to end on tiny data, and every bad input as one line on stderr with a non-zero exit."""
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT, write_h5_slices
+
+TINY = ["--size", "32", "--epochs", "2", "--base", "4", "--depth", "2", "--batch-size", "8", "--device", "cpu"]
+RUN_FILES = ("config.json", "split.json", "log.jsonl", "best.pt", "metrics.json", "curves.png", "overlays.png", "failures.png")
+
+
+def check_run(out, epochs_max: int) -> dict:
+    """Every file of a run folder exists and opens; returns metrics.json."""
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".tmp*"))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert 1 <= len(log) <= epochs_max and [r["epoch"] for r in log] == list(range(1, len(log) + 1))
+    for key in ("train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds", "slices_per_s"):
+        assert all(np.isfinite(r[key]) for r in log), key
+    for png in ("curves.png", "overlays.png", "failures.png"):
+        assert matplotlib.image.imread(out / png).ndim == 3
+    split = json.loads((out / "split.json").read_text())
+    assert not (set(split["train"]) & set(split["test"]) or set(split["val"]) & set(split["test"]))
+    ckpt = torch.load(out / "best.pt", weights_only=False)
+    assert {"model", "unet", "config", "threshold", "min_component", "channels", "size"} <= set(ckpt)
+    result = json.loads((out / "metrics.json").read_text())
+    test = result["test"]
+    assert test["volumes"] == len(split["test"]) == len(test["per_volume"])
+    assert 0 <= test["volume_dice"] <= 1 and 0 <= test["volume_iou"] <= test["volume_dice"] + 1e-9
+    assert result["threshold"] in train.THRESHOLDS and result["min_component"] in train.MIN_COMPONENTS
+    return result
+
+
+def test_synthetic_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:4x10", *TINY, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    check_run(out, 2)
+
+
+def test_nifti_end_to_end_on_real_cases_one_channel(sample_subset, tmp_path):
+    out = tmp_path / "run"
+    assert train.cli(["--data", f"nifti:{sample_subset}", *TINY, "--channel", "0", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    result = check_run(out, 2)
+    assert result["channels"] == ["flair"]
+    assert torch.load(out / "best.pt", weights_only=False)["unet"]["in_channels"] == 1
+    assert {v["id"] for v in result["test"]["per_volume"]} <= {p.name for p in sample_subset.iterdir()}
+
+
+def test_h5_end_to_end_from_real_cases(real_h5, tmp_path):
+    out = tmp_path / "run"
+    assert train.cli(["--data", f"h5:{real_h5}", *TINY, "--epochs", "1", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    check_run(out, 1)
+
+
+def test_early_stopping_stops_before_epochs(tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", "synthetic:3x6", *TINY, "--epochs", "6", "--patience", "1", "--lr", "1e-7", "--out", str(out),
+            "--cache-dir", str(tmp_path / "c")]
+    assert train.cli(args) == 0
+    log = (out / "log.jsonl").read_text().splitlines()
+    assert len(log) < 6
+
+
+def run_cli(*args, cwd=ROOT, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=120)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_kaggle_offline_fails_fast_and_names_the_alternatives(tmp_path):
+    proc = run_cli("--data", "kaggle", "--device", "cpu", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path),
+                   env_extra={"KAGGLEHUB_CACHE": str(tmp_path / "kagglehub")})
+    if proc.returncode == 0:
+        pytest.skip("Kaggle is reachable from this machine")
+    assert_one_line_error(proc, "Kaggle", "--data nifti:DIR", "--data synthetic")
+    assert not (tmp_path / "run").exists()
+
+
+def bad_h5_folder(tmp_path, kind: str):
+    folder = tmp_path / kind
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (2, 240, 240, 4)).astype(np.float32)
+    label = np.zeros((2, 240, 240), np.uint8)
+    if kind == "shape":
+        image, label = image[:, :100], label[:, :100]
+    if kind == "nan":
+        image[1, 7, 7, 0] = np.nan
+    for v in (1, 2, 3):
+        write_h5_slices(folder, v, image, label, range(2))
+    if kind == "corrupt":
+        (folder / "volume_2_slice_1.h5").write_bytes(b"\x89HDF junk")
+    if kind == "labels":
+        import h5py
+        with h5py.File(folder / "volume_3_slice_0.h5", "r+") as f:
+            f["mask"][0, 0, 1] = 7
+    return folder
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("corrupt", "volume_2_slice_1.h5"), ("shape", "shape (100, 240, 4)"), ("nan", "NaN"), ("labels", "one-hot"),
+])
+def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
+    folder = bad_h5_folder(tmp_path, kind)
+    proc = run_cli("--data", f"h5:{folder}", "--size", "16", "--device", "cpu", "--out", str(tmp_path / "run"),
+                   "--cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "cache").rglob("meta.json")) and not list((tmp_path / "cache").rglob(".tmp*"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "nifti:/no/such/folder"], "not found"),
+    (["--data", "h5:EMPTY"], "no volume_<V>_slice_<S>.h5"),
+    (["--data", "nifti:EMPTY"], "no BraTS case folders"),
+    (["--data", "s3:bucket"], "unknown --data source"),
+    (["--size", "0"], "--size must be positive"),
+    (["--epochs", "-1"], "--epochs must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--channel", "4"], "--channel must be in 0..3"),
+])
+def test_bad_arguments_are_one_line(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    if "--data" not in args:
+        args += ["--data", "synthetic:3x4"]
+    err_file = tmp_path / "err.txt"
+    with open(err_file, "w") as err:
+        code = _cli_capturing(args + ["--device", "cpu", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")], err)
+    lines = err_file.read_text().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def _cli_capturing(argv, err) -> int:
+    import contextlib
+    with contextlib.redirect_stderr(err):
+        return train.cli(argv)
+
+
+def test_nifti_missing_modality_is_one_line(sample_dir, tmp_path):
+    root = tmp_path / "cases"
+    for c in ("A", "B", "C"):
+        (root / c).mkdir(parents=True)
+    src = sample_dir / "Brats18_CBICA_ABM_1"
+    for c in ("A", "B", "C"):
+        for m in ("flair", "t1", "t1ce", "t2", "seg"):
+            if not (c == "B" and m == "t2"):
+                os.symlink(src / f"Brats18_CBICA_ABM_1_{m}.nii.gz", root / c / f"{c}_{m}.nii.gz")
+    proc = run_cli("--data", f"nifti:{root}", "--size", "16", "--device", "cpu", "--out", str(tmp_path / "run"),
+                   "--cache-dir", str(tmp_path / "cache"))
+    assert_one_line_error(proc, "missing modality t2", str(root / "B"))
