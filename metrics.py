@@ -60,6 +60,9 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] = (1.0
     def surface(mask: np.ndarray) -> np.ndarray:
         return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
+    # distances only depend on the box around both masks (plus one voxel, so erosion sees the same border)
+    box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(pred | target))
+    pred, target = pred[box], target[box]
     sp, st = surface(pred), surface(target)
     dist_to_target = ndimage.distance_transform_edt(~st, sampling=spacing)
     dist_to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)
@@ -81,6 +84,16 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
         keep[0] = False
         flat_out[i] = keep[labels]
     return out
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep only the largest 26-connected 3D component of a (S, H, W) mask (nothing changes when it is empty)."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return np.asarray(mask, bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
 
 
 def nanmean(values) -> float:

@@ -185,9 +185,11 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.d
     return torch.cat(outs) if outs else torch.zeros(0, device=device)
 
 
-def postprocess(probs: np.ndarray, threshold: float, min_component: int) -> np.ndarray:
-    """Binary mask from probabilities: threshold, then drop 2D components under min_component pixels."""
-    return metrics.remove_small_components(probs >= threshold, min_component)
+def postprocess(probs: np.ndarray, threshold: float, min_component: int, largest_3d: bool = False) -> np.ndarray:
+    """Binary mask of a volume's stacked slices (S, H, W) from probabilities: threshold, drop 2D components under
+    min_component pixels and, if asked, keep only the largest 3D component (one tumour per patient)."""
+    mask = metrics.remove_small_components(probs >= threshold, min_component)
+    return metrics.keep_largest_component(mask) if largest_3d else mask
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -199,7 +201,7 @@ def save_atomic(obj, path: Path) -> None:
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]:
     """Model (eval mode, on device) and the checkpoint dict (config, channels, size, threshold, ...)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = UNet(UNetConfig(**ckpt["unet"]))
         model.load_state_dict(ckpt["model"])
     except FileNotFoundError:
@@ -223,8 +225,9 @@ def volume_probs(model, cache: data.Cache, ids: list[str], channels: list[int], 
     return out
 
 
-def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> tuple[float, int, float]:
-    """The (threshold, minimum component size) with the best mean per-volume Dice on these volumes.
+def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> tuple[dict, float]:
+    """The post-processing (threshold, minimum component size, largest 3D component or not) with the best mean
+    per-volume Dice on these volumes, and that Dice.
 
     Components are labelled once per threshold; every size cut is then a sum over component areas.
     """
@@ -251,18 +254,25 @@ def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndar
             score = metrics.nanmean(dice[:, j])
             if score > best[2] + 1e-9:
                 best = (th, m, score)
-    return best
+    th, m, score = best
+    volume_dice = []
+    for vid in probs:
+        pred = torch.from_numpy(postprocess(probs[vid].astype(np.float32), th, m, largest_3d=True))[None]
+        volume_dice.append(metrics.dice_score(pred, torch.from_numpy(truth[vid].astype(bool))[None]).item())
+    largest = metrics.nanmean(volume_dice) > score + 1e-9
+    return {"threshold": th, "min_component": m, "largest_3d": largest}, max(score, metrics.nanmean(volume_dice))
 
 
-def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, threshold: float, min_component: int) -> tuple[dict, dict]:
+def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tuple[dict, list[dict], dict]:
     """Test metrics at 240 x 240: per-slice and per-volume Dice/IoU, HD95 (mm) per volume, false-positive slices.
 
-    Returns (summary, per-slice records) — the records feed the overlay and failure figures.
+    Returns (summary, per-slice records, post-processed masks per volume) — the last two feed the figures.
     """
-    per_volume, slice_dice, slice_iou, fp, empty, records = [], [], [], 0, 0, []
+    per_volume, slice_dice, slice_iou, fp, empty, records, masks = [], [], [], 0, 0, [], {}
     for vid, p in probs.items():
         meta, truth = cache.volume(vid), torch.from_numpy(cache.full_masks(vid).astype(bool))
-        pred = torch.from_numpy(postprocess(p.astype(np.float32), threshold, min_component))
+        pred = torch.from_numpy(postprocess(p.astype(np.float32), **post))
+        masks[vid] = pred.numpy()
         d, j = metrics.dice_score(pred, truth), metrics.iou_score(pred, truth)
         slice_dice += d.tolist()
         slice_iou += j.tolist()
@@ -293,7 +303,7 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, threshold: float, 
         "false_positive_slices": fp,
         "per_volume": per_volume,
     }
-    return summary, records
+    return summary, records, masks
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,7 +373,7 @@ def save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def slice_items(picks: list[dict], cache: data.Cache, probs: dict, threshold: float, min_component: int) -> list[dict]:
+def slice_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
     """Image (FLAIR, or the one channel trained on), prediction and truth at 240 x 240 for chosen slices."""
     import cv2
 
@@ -373,8 +383,7 @@ def slice_items(picks: list[dict], cache: data.Cache, probs: dict, threshold: fl
         k = meta["slices"].index(r["slice"])
         img = cache.images(r["volume"], mmap=True)[k, data.FLAIR].astype(np.float32)
         img = cv2.resize(img, (data.RAW_SIZE, data.RAW_SIZE), interpolation=cv2.INTER_LINEAR)
-        pred = postprocess(probs[r["volume"]][k].astype(np.float32), threshold, min_component)
-        items.append({**r, "image": img, "pred": pred, "truth": cache.full_masks(r["volume"])[k].astype(bool)})
+        items.append({**r, "image": img, "pred": masks[r["volume"]][k], "truth": cache.full_masks(r["volume"])[k].astype(bool)})
     return items
 
 
@@ -519,7 +528,7 @@ def main(cfg: TrainConfig) -> None:
             if improved:
                 save_atomic({"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
                              "channels": channels, "size": cfg.size, "epoch": epoch, "val_dice": val_dice,
-                             "threshold": 0.5, "min_component": 0}, out / "best.pt")
+                             "threshold": 0.5, "min_component": 0, "largest_3d": False}, out / "best.pt")
         if stale >= cfg.patience:
             if master:
                 print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best_dice:.4f} at epoch {best_epoch})")
@@ -535,19 +544,19 @@ def main(cfg: TrainConfig) -> None:
         model = model.to(memory_format=torch.channels_last)
     val_probs = volume_probs(model, cache, split["val"], channels, device, 2 * batch_size, dtype, channels_last)
     val_truth = {v: cache.full_masks(v) for v in split["val"]}
-    threshold, min_component, val_best = choose_postprocessing(val_probs, val_truth)
-    ckpt.update(threshold=threshold, min_component=min_component)
+    post, val_best = choose_postprocessing(val_probs, val_truth)
+    ckpt.update(post)
     save_atomic(ckpt, out / "best.pt")
     test_probs = volume_probs(model, cache, split["test"], channels, device, 2 * batch_size, dtype, channels_last)
-    test, records = evaluate(test_probs, cache, threshold, min_component)
-    result = {"test": test, "threshold": threshold, "min_component": min_component,
+    test, records, test_masks = evaluate(test_probs, cache, post)
+    result = {"test": test, **post,
               "val_volume_dice_at_choice": val_best, "best_epoch": best_epoch, "epochs_run": len(log),
               "data": cfg.data, "channels": [data.CHANNELS[c] for c in channels], "size": cfg.size}
     data.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     print(f"test ({test['volumes']} unseen patients, 240x240): volume Dice {test['volume_dice']:.4f} "
           f"± {test['volume_dice_std']:.4f}, IoU {test['volume_iou']:.4f}, HD95 {test['hd95_mm']:.2f} mm; slice Dice "
           f"{test['slice_dice']:.4f} on {test['tumour_slices']} tumour slices; {test['false_positive_slices']} of "
-          f"{test['empty_slices']} empty slices with false positives (threshold {threshold}, min component {min_component})")
+          f"{test['empty_slices']} empty slices with false positives ({post})")
 
     # --- figures
     plot_curves(log, out / "curves.png")
@@ -562,10 +571,10 @@ def main(cfg: TrainConfig) -> None:
     if len(picks) < 8:  # fill with evenly spaced tumour slices
         rest = [r for r in tumour if r not in picks]
         picks += rest[:: max(1, len(rest) // (8 - len(picks)))][: 8 - len(picks)]
-    plot_slices(slice_items(picks, cache, test_probs, threshold, min_component), out / "overlays.png",
+    plot_slices(slice_items(picks, cache, test_masks), out / "overlays.png",
                 "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
     worst = sorted(tumour, key=lambda r: r["dice"])[:8]
-    plot_slices(slice_items(worst, cache, test_probs, threshold, min_component), out / "failures.png",
+    plot_slices(slice_items(worst, cache, test_masks), out / "failures.png",
                 "Worst test slices by Dice")
     print(f"wrote {out}/: config.json split.json log.jsonl best.pt metrics.json curves.png overlays.png failures.png")
 

@@ -82,3 +82,31 @@ def test_remove_small_components_per_slice():
     assert out[0, :3, :3].all() and not out[0, 6, 6] and out[1, 4:6, 4:6].all()
     assert out.sum() == 13
     assert (metrics.remove_small_components(m, 0) == m).all()
+
+
+def test_keep_largest_component_in_3d():
+    m = np.zeros((4, 10, 10), bool)
+    m[0:3, 1:4, 1:4] = True   # 27 voxels, one component across three slices
+    m[3, 8, 8] = True         # a stray voxel
+    m[1, 7:9, 1:3] = True     # 4 voxels, separate
+    out = metrics.keep_largest_component(m)
+    assert out.sum() == 27 and out[0:3, 1:4, 1:4].all()
+    assert not metrics.keep_largest_component(np.zeros((2, 3, 3), bool)).any()
+
+
+def test_hd95_matches_brute_force_surface_distances():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        a = ndimage.binary_dilation(rng.random((12, 16, 14)) > 0.97, iterations=2)
+        b = ndimage.binary_dilation(rng.random((12, 16, 14)) > 0.97, iterations=2)
+        spacing = (2.0, 1.0, 0.5)
+
+        def surface_points(m):
+            return np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * np.array(spacing)
+
+        pa, pb = surface_points(a), surface_points(b)
+        d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
+        expected = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+        assert metrics.hd95(a, b, spacing) == pytest.approx(expected)

@@ -1,0 +1,158 @@
+"""predict.py end to end on the real BraTS sample, with a checkpoint trained for a few steps on synthetic data."""
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import data
+import predict
+import train
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brats-sample"
+GOOD = "Brats18_2013_11_1"  # has a _seg file
+OTHER = "Brats18_2013_3_1"  # copied without its t1ce
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny checkpoint (base 4, depth 2, 32 px) trained for one epoch on 3 synthetic phantoms (~7 s on a CPU)."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    rc = train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
+                    "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")])
+    assert rc == 0
+    path = tmp / "run" / "best.pt"
+    assert path.is_file()
+    return path
+
+
+@pytest.fixture
+def sample() -> Path:
+    if not (SAMPLE / GOOD).is_dir():
+        pytest.skip(f"real BraTS sample not found at {SAMPLE} (it lives in shared/, next to the repository)")
+    return SAMPLE
+
+
+def nonempty_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ckpt, tmp_path_factory) -> SimpleNamespace:
+    """One predict.py run (it is the slow part: ~8 s a case) on a copy of OTHER without its t1ce, then GOOD."""
+    if not (SAMPLE / GOOD).is_dir() or not (SAMPLE / OTHER).is_dir():
+        pytest.skip(f"real BraTS sample not found at {SAMPLE} (it lives in shared/, next to the repository)")
+    tmp = tmp_path_factory.mktemp("mixed")
+    bad = tmp / "cases" / OTHER
+    bad.mkdir(parents=True)
+    for f in (SAMPLE / OTHER).iterdir():
+        if "_t1ce." not in f.name:
+            (bad / f.name).symlink_to(f)
+    out, stdout, stderr = tmp / "out", io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = predict.cli(["--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", str(bad), str(SAMPLE / GOOD)])
+    return SimpleNamespace(rc=rc, out=out, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def test_real_case_writes_mask_png_and_metrics(mixed_run):
+    out = mixed_run.out
+    flair = nib.load(str(SAMPLE / GOOD / f"{GOOD}_flair.nii.gz"))
+    mask = nib.load(str(out / f"{GOOD}.nii.gz"))
+    values = np.asarray(mask.dataobj)
+    assert mask.shape == flair.shape == (240, 240, 155)
+    assert np.allclose(mask.affine, flair.affine)
+    assert mask.get_data_dtype() == np.uint8 and values.dtype == np.uint8
+    assert set(np.unique(values).tolist()) <= {0, 1}
+    import matplotlib.image
+
+    png = matplotlib.image.imread(str(out / f"{GOOD}.png"))
+    assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 100
+    assert sorted(p.name for p in out.iterdir()) == [f"{GOOD}.nii.gz", f"{GOOD}.png"]  # no temporary files left
+    assert f"{GOOD}.nii.gz" in mixed_run.stdout and " mL" in mixed_run.stdout
+    assert "Dice" in mixed_run.stdout and "IoU" in mixed_run.stdout and "HD95" in mixed_run.stdout
+
+
+def test_missing_modality_fails_that_case_only(mixed_run):
+    assert mixed_run.rc == 1
+    lines = nonempty_lines(mixed_run.stderr)
+    assert len(lines) == 1, mixed_run.stderr
+    assert OTHER in lines[0] and "t1ce" in lines[0] and "Traceback" not in mixed_run.stderr
+    assert (mixed_run.out / f"{GOOD}.nii.gz").is_file() and (mixed_run.out / f"{GOOD}.png").is_file()
+    assert not (mixed_run.out / f"{OTHER}.nii.gz").exists()
+    assert "1 of 2 cases failed" in mixed_run.stdout
+
+
+def test_mask_orientation_and_metrics_with_an_oracle(ckpt, sample, tmp_path, monkeypatch, capsys):
+    """With logits that reproduce the label, the written mask must equal seg > 0 voxel for voxel (slice placement
+    and the (z, x, y) → (x, y, z) transpose), with Dice 1 and HD95 0, and the checkpoint's threshold/min_component used."""
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    raw.update(threshold=0.5, min_component=0, largest_3d=False)
+    oracle_ckpt = tmp_path / "oracle.pt"
+    torch.save(raw, oracle_ckpt)
+    truth = np.asarray(nib.load(str(sample / GOOD / f"{GOOD}_seg.nii.gz")).dataobj) > 0  # (x, y, z)
+    kept = {}
+    preprocess = data.preprocess_volume
+
+    def spy_preprocess(image, size):
+        kept["slices"], images = preprocess(image, size)
+        return kept["slices"], images
+
+    def oracle_logits(model, images, device, batch_size, dtype, channels_last, out_size=None):
+        assert images.shape[0] == len(kept["slices"]) and images.shape[1:] == (4, 32, 32) and out_size == 240
+        label = torch.from_numpy(truth.transpose(2, 0, 1)[kept["slices"]])  # (z, x, y) kept slices
+        return torch.where(label, 20.0, -20.0)
+
+    monkeypatch.setattr(data, "preprocess_volume", spy_preprocess)
+    monkeypatch.setattr(train, "predict_logits", oracle_logits)
+    out = tmp_path / "out"
+    rc = predict.cli(["--ckpt", str(oracle_ckpt), "--out", str(out), "--device", "cpu", str(sample / GOOD)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert np.array_equal(np.asarray(nib.load(str(out / f"{GOOD}.nii.gz")).dataobj), truth.astype(np.uint8))
+    assert "Dice 1.0000" in captured.out and "IoU 1.0000" in captured.out and "HD95 0.00 mm" in captured.out
+    assert f"tumour {truth.sum() / 1000:.2f} mL" in captured.out  # 1 mm isotropic voxels
+
+
+def test_checkpoint_round_trips(ckpt):
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert {"threshold", "min_component", "channels", "size", "config", "model", "unet"} <= raw.keys()
+    assert raw["threshold"] in train.THRESHOLDS and raw["min_component"] in train.MIN_COMPONENTS
+    assert raw["size"] == 32 and raw["channels"] == [0, 1, 2, 3]
+    reference = train.build_model(train.TrainConfig(**raw["config"]))
+    reference.load_state_dict(raw["model"])
+    reference.eval()
+    model, loaded = train.load_checkpoint(ckpt, torch.device("cpu"))
+    assert not model.training and loaded["threshold"] == raw["threshold"]
+    x = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        assert not torch.equal(model(x), train.build_model(train.TrainConfig(**raw["config"])).eval()(x))
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage"])
+def test_bad_checkpoint_exits_2(kind, tmp_path, capsys):
+    path = tmp_path / "best.pt"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    rc = predict.cli(["--ckpt", str(path), "--out", str(out), "--device", "cpu", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = nonempty_lines(captured.err)
+    assert len(lines) == 1 and "checkpoint" in lines[0] and str(path) in lines[0], captured.err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["--batch-size", "0", "case"], ["--device", "tpu", "case"]])
+def test_bad_arguments_exit_2(argv, tmp_path, capsys):
+    rc = predict.cli(["--ckpt", str(tmp_path / "best.pt"), "--out", str(tmp_path / "out"), *argv])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "error" in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "out").exists()
