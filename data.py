@@ -505,11 +505,16 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
 
 
 def iterate_batches(data: SliceSet, batch_size: int, generator: torch.Generator, device: torch.device,
-                    drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled batches (float32 images, float32 masks (N, 1, H, W)) drawn by indexing on the device."""
-    n = len(data)
-    order = torch.randperm(n, device=data.images.device, generator=generator) if generator is not None else \
-        torch.arange(n, device=data.images.device)
+                    drop_last: bool = True, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled batches (float32 images, float32 masks (N, 1, H, W)) drawn by indexing on the device.
+
+    Under DistributedDataParallel every rank draws the same permutation (same generator seed) and takes every
+    world-th slice of it from its rank on, so ranks never train on the same slice in an epoch.
+    """
+    order = torch.randperm(len(data), device=data.images.device, generator=generator) if generator is not None else \
+        torch.arange(len(data), device=data.images.device)
+    order = order[rank::world]
+    n = len(order)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]

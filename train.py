@@ -459,12 +459,14 @@ def main(cfg: TrainConfig) -> None:
     optimizer, scheduler = make_optimizer(model, cfg, device, total_steps, max(1, int(cfg.warmup * batches_per_epoch)))
     step = make_train_step(train_model, optimizer, scheduler, cfg, device, dtype, channels_last, use_compile)
     eval_model = torch.compile(model) if use_compile else model
-    generator = torch.Generator(device=train_set.images.device).manual_seed(cfg.seed * 1000 + rank) if cfg.resident else None
+    # the same shuffling seed on every rank (each takes its own share of the permutation), its own augmentations
+    generator = torch.Generator(device=train_set.images.device).manual_seed(cfg.seed * 1000) if cfg.resident else None
     aug_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
 
     def batches():
         if cfg.resident:
-            for i, b in zip(range(batches_per_epoch), data.iterate_batches(train_set, batch_size, generator, device)):
+            stream = data.iterate_batches(train_set, batch_size, generator, device, rank=rank, world=world)
+            for _, b in zip(range(batches_per_epoch), stream):
                 yield b
         else:
             if sampler is not None:
@@ -507,10 +509,14 @@ def main(cfg: TrainConfig) -> None:
             v_true = torch.zeros(nv, device=device).index_add_(0, vol, truth.flatten(1).sum(1).float())
             val_dice = metrics.nanmean(torch.where(v_true > 0, 2 * v_inter / (v_pred + v_true).clamp_min(1), math.nan).tolist())
             val_iou = metrics.nanmean(torch.where(v_true > 0, v_inter / (v_pred + v_true - v_inter).clamp_min(1), math.nan).tolist())
+        if ddp:  # BatchNorm statistics differ per rank: rank 0's validation decides, so all ranks stop together
+            agreed = torch.tensor([val_loss, val_dice, val_iou], dtype=torch.float64, device=device)
+            dist.broadcast(agreed, 0)
+            val_loss, val_dice, val_iou = agreed.tolist()
         record = {"epoch": epoch, "train_loss": train_loss / nb, "train_dice": 2 * inter / max(psum + tsum, 1),
                   "train_iou": inter / max(psum + tsum - inter, 1), "val_loss": val_loss, "val_dice": val_dice,
                   "val_iou": val_iou, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                  "slices_per_s": nb * batch_size * world / seconds}
+                  "slices_per_s": nb * batch_size / seconds}
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_dice=f"{val_dice:.3f}", slices_s=f"{record['slices_per_s']:.0f}")
         bar.close()
         if bar.disable and master:  # no terminal: one plain line per epoch instead of the bar
