@@ -314,6 +314,7 @@ def plot_curves(log: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ep = [r["epoch"] for r in log]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -321,6 +322,7 @@ def plot_curves(log: list[dict], path: Path) -> None:
         ax.plot(ep, [r[f"train_{key}"] for r in log], "o-", label="train (pooled over batches, augmented)")
         ax.plot(ep, [r[f"val_{key}"] for r in log], "s-", label="validation (per volume, threshold 0.5)" if key != "loss" else "validation")
         ax.set_title(title), ax.set_xlabel("epoch"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     best = max(log, key=lambda r: r["val_dice"])
     axes[1].axvline(best["epoch"], color="gray", ls="--", lw=1)
     lr_ax = axes[0].twinx()

@@ -59,10 +59,14 @@ def torchrun(script: str, tmp: Path, out: Path, extra_env: dict | None = None) -
            script, "--data", DATA, "--size", str(SIZE), "--epochs", "1", "--base", "4", "--depth", "2",
            "--batch-size", str(BATCH), "--device", "cpu", "--compile", "off", "--cache-dir", str(tmp), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REPO": str(REPO), **(extra_env or {})}
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s; output tail:\n{(e.stdout or b'')[-3000:]!r}\n{(e.stderr or b'')[-3000:]!r}")
+    for attempt in range(2):  # a port taken between free_port() and torchrun's bind is the machine's fault: retry once
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s; output tail:\n{(e.stdout or b'')[-3000:]!r}\n{(e.stderr or b'')[-3000:]!r}")
+        if proc.returncode == 0 or not any(s in proc.stderr for s in ("EADDRINUSE", "address already in use", "Address already in use")):
+            break
+        cmd[cmd.index("--master_port") + 1] = str(free_port())
     assert proc.returncode == 0, f"torchrun exit code {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     return proc
 

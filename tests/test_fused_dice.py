@@ -1,4 +1,14 @@
-"""Tests for fused_dice: the Triton path (CPU interpreter) against the float64 reference."""
+"""Tests for fused_dice: the Triton path against the float64 reference.
+
+Where the kernels run depends on TRITON_INTERPRET, read once when fused_dice is imported
+(tests/conftest.py sets it to 1 unless it is already set):
+  TRITON_INTERPRET=1 (default): the `device` fixture gives "cpu" and the kernels run in Triton's CPU
+      interpreter on tiny tensors; the realistic-size tests are skipped.
+  TRITON_INTERPRET=0 on a CUDA machine: the same tests run on "cuda" tensors with compiled kernels,
+      plus the realistic-size tests (logits (64, 1, 240, 240), default launch sizes):
+          TRITON_INTERPRET=0 python -m pytest -q tests/test_fused_dice.py
+  TRITON_INTERPRET=0 without CUDA: every test that needs the Triton path is skipped, saying why.
+"""
 
 import math
 
@@ -10,11 +20,48 @@ import fused_dice as fd
 pytestmark = pytest.mark.skipif(not fd.HAS_TRITON, reason="triton is not installed")
 
 SHAPE = (2, 1, 17, 19)  # 323 elements per sample: not a multiple of any block size below
+REAL = (64, 1, 240, 240)  # a training batch of train.py's model output at full BraTS size
+
+# the module's launch sizes as shipped, captured before any fixture changes them
+DEFAULT_LAUNCH = {k: getattr(fd, k) for k in ("BLOCK", "ITERS", "REDUCE_N", "REDUCE_B")}
+
+
+@pytest.fixture
+def device():
+    """Where the Triton path runs: "cpu" under the interpreter, "cuda" with compiled kernels."""
+    if fd.TRITON_INTERPRET:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("the Triton path needs TRITON_INTERPRET=1 (CPU interpreter) or, with the interpreter off, a CUDA GPU")
+
+
+@pytest.fixture
+def cuda():
+    """For realistic-size tests: compiled kernels on a GPU only (the interpreter would take minutes)."""
+    if fd.TRITON_INTERPRET:
+        pytest.skip("realistic sizes run only with compiled kernels: set TRITON_INTERPRET=0 on a CUDA machine")
+    if not torch.cuda.is_available():
+        pytest.skip("realistic sizes need a CUDA GPU (none available)")
+    return "cuda"
+
+
+@pytest.fixture
+def default_blocks():
+    """Requested by a test: keep the shipped launch sizes (small_blocks then leaves them alone)."""
+    got = {k: getattr(fd, k) for k in DEFAULT_LAUNCH}
+    assert got == DEFAULT_LAUNCH
+    return got
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Tiny launch sizes so the tiny tensors still span several blocks and reduce-loop trips."""
+def small_blocks(request, monkeypatch):
+    """Tiny launch sizes so the tiny tensors still span several blocks and reduce-loop trips.
+
+    Applies to every test (interpreter or CUDA) except those that request `default_blocks`.
+    """
+    if "default_blocks" in request.fixturenames:
+        return
     monkeypatch.setattr(fd, "BLOCK", 32)
     monkeypatch.setattr(fd, "ITERS", 2)  # 64 elements per program: 6 blocks per sample of SHAPE
     monkeypatch.setattr(fd, "REDUCE_N", 4)
@@ -47,14 +94,15 @@ def check(logits, target, rtol=1e-5, atol=1e-7, grad_rtol=1e-4, **kw):
     torch.testing.assert_close(grad.double(), want_grad, rtol=grad_rtol, atol=atol + grad_rtol * scale)
 
 
-def randn(*shape, seed=0, scale=2.0):
+def randn(*shape, seed=0, scale=2.0, device="cpu"):
+    """Seeded on the CPU, so every device sees the same values."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * scale
+    return (torch.randn(*shape, generator=g) * scale).to(device)
 
 
-def mask(*shape, seed=1, p=0.3):
+def mask(*shape, seed=1, p=0.3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, generator=g) < p).float()
+    return (torch.rand(*shape, generator=g) < p).float().to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,12 +111,12 @@ def mask(*shape, seed=1, p=0.3):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("mode", ["batch", "image"])
-def test_exact_hand_value(backend, mode):
+def test_exact_hand_value(backend, mode, device):
     # logits 0 -> p = 1/2 everywhere; target all ones on a 2x2 image.
     # BCE = ln 2; I = 2, P = 2, Y = 4: Dice = (2*2 + 1) / (2 + 4 + 1) = 5/7.
     # dL/dx = (p - y)/4 - dD/dp * p(1 - p) = -1/8 - (2*7 - 5)/49 * 1/4 = -1/8 - 9/196.
-    logits = torch.zeros(1, 1, 2, 2)
-    target = torch.ones(1, 1, 2, 2)
+    logits = torch.zeros(1, 1, 2, 2, device=device)
+    target = torch.ones(1, 1, 2, 2, device=device)
     loss, grad = run(logits, target, backend=backend, mode=mode)
     assert loss.item() == pytest.approx(math.log(2) + 2 / 7, rel=1e-6)
     torch.testing.assert_close(grad, torch.full_like(logits, -1 / 8 - 9 / 196))
@@ -80,34 +128,34 @@ def test_exact_hand_value(backend, mode):
 
 @pytest.mark.parametrize("mode", ["batch", "image"])
 @pytest.mark.parametrize("shape", [SHAPE, (1, 1, 17, 19), (5, 2, 3, 7), (6,)])
-def test_matches_reference(mode, shape):
+def test_matches_reference(mode, shape, device):
     # (5, 2, 3, 7): more samples than REDUCE_N; (6,): one element per sample
-    check(randn(*shape), mask(*shape), mode=mode)
+    check(randn(*shape, device=device), mask(*shape, device=device), mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["batch", "image"])
-def test_weights_smooth_and_soft_targets(mode):
-    target = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3))
-    check(randn(*SHAPE), target, mode=mode, smooth=1e-3, bce_weight=0.25, dice_weight=2.0)
+def test_weights_smooth_and_soft_targets(mode, device):
+    target = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3)).to(device)
+    check(randn(*SHAPE, device=device), target, mode=mode, smooth=1e-3, bce_weight=0.25, dice_weight=2.0)
 
 
 @pytest.mark.parametrize("mode", ["batch", "image"])
 @pytest.mark.parametrize("fill", [0.0, 1.0], ids=["empty_mask", "full_mask"])
-def test_empty_and_full_masks(mode, fill):
-    check(randn(*SHAPE), torch.full(SHAPE, fill), mode=mode)
+def test_empty_and_full_masks(mode, fill, device):
+    check(randn(*SHAPE, device=device), torch.full(SHAPE, fill, device=device), mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["batch", "image"])
-def test_one_empty_sample(mode):
-    target = mask(*SHAPE)
+def test_one_empty_sample(mode, device):
+    target = mask(*SHAPE, device=device)
     target[0] = 0
-    check(randn(*SHAPE), target, mode=mode)
+    check(randn(*SHAPE, device=device), target, mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["batch", "image"])
-def test_saturated_logits(mode):
-    logits = torch.where(randn(*SHAPE) > 0, 80.0, -80.0)
-    target = mask(*SHAPE, p=0.5)
+def test_saturated_logits(mode, device):
+    logits = torch.where(randn(*SHAPE, device=device) > 0, 80.0, -80.0)
+    target = mask(*SHAPE, p=0.5, device=device)
     loss, grad = run(logits, target, mode=mode)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     check(logits, target, mode=mode)
@@ -115,26 +163,26 @@ def test_saturated_logits(mode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", ["batch", "image"])
-def test_half_precision_logits(dtype, mode):
+def test_half_precision_logits(dtype, mode, device):
     # The interpreter runs both dtypes on this torch/triton; math is float32 inside, so the loss
     # matches tightly and the gradient is off only by its final rounding to the logits' dtype.
-    logits = randn(*SHAPE).to(dtype)
-    check(logits, mask(*SHAPE), mode=mode, grad_rtol=1e-2)
+    logits = randn(*SHAPE, device=device).to(dtype)
+    check(logits, mask(*SHAPE, device=device), mode=mode, grad_rtol=1e-2)
 
 
 @pytest.mark.parametrize("tdtype", [torch.bool, torch.uint8, torch.float16])
-def test_target_dtypes(tdtype):
-    target = mask(*SHAPE).to(tdtype)
-    check(randn(*SHAPE), target, mode="image")
-    loss_a, grad_a = run(randn(*SHAPE), target, mode="image")
-    loss_b, grad_b = run(randn(*SHAPE), mask(*SHAPE), mode="image")
+def test_target_dtypes(tdtype, device):
+    target = mask(*SHAPE, device=device).to(tdtype)
+    check(randn(*SHAPE, device=device), target, mode="image")
+    loss_a, grad_a = run(randn(*SHAPE, device=device), target, mode="image")
+    loss_b, grad_b = run(randn(*SHAPE, device=device), mask(*SHAPE, device=device), mode="image")
     assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
 
 
-def test_grad_output_scaling():
-    x = randn(*SHAPE).requires_grad_()
-    (3.0 * fd.dice_bce_loss(x, mask(*SHAPE), backend="triton")).backward()
-    _, grad = ref(randn(*SHAPE), mask(*SHAPE))
+def test_grad_output_scaling(device):
+    x = randn(*SHAPE, device=device).requires_grad_()
+    (3.0 * fd.dice_bce_loss(x, mask(*SHAPE, device=device), backend="triton")).backward()
+    _, grad = ref(randn(*SHAPE, device=device), mask(*SHAPE, device=device))
     torch.testing.assert_close(x.grad.double(), 3.0 * grad, rtol=1e-4, atol=1e-9)
 
 
@@ -143,8 +191,8 @@ def test_grad_output_scaling():
 
 
 @pytest.mark.parametrize("mode", ["batch", "image"])
-def test_deterministic(mode):
-    logits, target = randn(5, 2, 3, 7), mask(5, 2, 3, 7)
+def test_deterministic(mode, device):
+    logits, target = randn(5, 2, 3, 7, device=device), mask(5, 2, 3, 7, device=device)
     loss_a, grad_a = run(logits, target, mode=mode)
     loss_b, grad_b = run(logits, target, mode=mode)
     assert torch.equal(loss_a, loss_b)
@@ -153,10 +201,10 @@ def test_deterministic(mode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["batch", "image"])
-def test_channels_last(dtype, mode):
+def test_channels_last(dtype, mode, device):
     shape = (2, 3, 5, 7)
-    logits = randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    target = mask(*shape)  # contiguous: laid out differently from the logits
+    logits = randn(*shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    target = mask(*shape, device=device)  # contiguous: laid out differently from the logits
     x = logits.clone().requires_grad_()
     loss = fd.dice_bce_loss(x, target, mode=mode, backend="triton")
     loss.backward()
@@ -171,13 +219,13 @@ def test_channels_last(dtype, mode):
     torch.testing.assert_close(x.grad.contiguous(), grad_c, rtol=1e-2, atol=1e-6)
 
 
-def test_non_dense_logits():
-    base = randn(2, 1, 17, 40)
+def test_non_dense_logits(device):
+    base = randn(2, 1, 17, 40, device=device)
     logits = base[..., ::2]  # strided view: no dense order, goes through .contiguous()
-    check(logits, mask(2, 1, 17, 20), mode="image")
+    check(logits, mask(2, 1, 17, 20, device=device), mode="image")
 
 
-def test_saves_only_inputs_and_small_stats():
+def test_saves_only_inputs_and_small_stats(device):
     shape = (3, 1, 5, 7)
     saved = []
 
@@ -185,9 +233,9 @@ def test_saves_only_inputs_and_small_stats():
         saved.append(tuple(t.shape))
         return t
 
-    x = randn(*shape).requires_grad_()
+    x = randn(*shape, device=device).requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fd.dice_bce_loss(x, mask(*shape), backend="triton")
+        fd.dice_bce_loss(x, mask(*shape, device=device), backend="triton")
     assert sorted(saved) == sorted([shape, shape, (shape[0] + 1, 4)])
 
 
@@ -195,26 +243,29 @@ def test_saves_only_inputs_and_small_stats():
 # torch.library / torch.compile
 
 
-def test_opcheck():
-    x = randn(*SHAPE).requires_grad_()
-    torch.library.opcheck(fd._dice_bce_fwd, (x, mask(*SHAPE), "image", 1.0, 1.0, 1.0))
+def test_opcheck(device):
+    x = randn(*SHAPE, device=device).requires_grad_()
+    torch.library.opcheck(fd._dice_bce_fwd, (x, mask(*SHAPE, device=device), "image", 1.0, 1.0, 1.0))
 
 
-def test_no_graph_break():
+def test_no_graph_break(device):
     def fn(x, y):
         return fd.dice_bce_loss(x, y, mode="image", backend="triton")
 
-    explained = torch._dynamo.explain(fn)(randn(*SHAPE), mask(*SHAPE))
+    explained = torch._dynamo.explain(fn)(randn(*SHAPE, device=device), mask(*SHAPE, device=device))
     assert explained.graph_break_count == 0
     assert explained.graph_count == 1
 
 
-def test_compiled_training_step_fullgraph():
+def test_compiled_training_step_fullgraph(device, monkeypatch):
     # Inductor on CPU: the loss stays one extern op (fake impls trace it, the interpreter runs it),
-    # and AOTAutograd puts the backward op in the compiled backward graph.
+    # and AOTAutograd puts the backward op in the compiled backward graph. On CUDA the same with
+    # compiled kernels; cuDNN's TF32 convolutions are switched off so eager and compiled convs agree.
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch._dynamo.reset()
-    conv = torch.nn.Conv2d(1, 1, 3, padding=1)
-    x, y = randn(*SHAPE), mask(*SHAPE).bool()
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1).to(device)
+    x, y = randn(*SHAPE, device=device), mask(*SHAPE, device=device).bool()
 
     def step(x, y):
         return fd.dice_bce_loss(conv(x), y, mode="image", backend="triton")
@@ -227,6 +278,72 @@ def test_compiled_training_step_fullgraph():
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, conv.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: realistic size with the shipped launch sizes (skipped under the interpreter)
+
+
+def real_inputs(dtype, shape=REAL, device="cuda"):
+    """Logits in [-9, 9]-ish and a sparse uint8 mask (~10% foreground, as a tumour), one empty sample."""
+    logits = randn(*shape, seed=10, scale=3.0, device=device).to(dtype)
+    target = mask(*shape, seed=11, p=0.1, device=device).to(torch.uint8)
+    target[3] = 0  # slices without tumour are common in BraTS
+    return logits, target
+
+
+def same_layout(a, b):
+    """Equal strides on every dim of size > 1 (size-1 dims have no meaningful stride)."""
+    return a.shape == b.shape and all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_cuda_realistic_matches_reference(cuda, default_blocks, dtype, mode):
+    # 57,600 elements per sample: 15 programs of BLOCK * ITERS (the last one partial), 4 trips of
+    # the reduce over samples. atol=0: the gradient tolerance scales with its own largest value
+    # (each element is ~1/numel, so the default absolute 1e-7 would hide errors).
+    logits, target = real_inputs(dtype)
+    check(logits, target, mode=mode, atol=0.0, grad_rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_cuda_realistic_deterministic(cuda, default_blocks, dtype, mode):
+    logits, target = real_inputs(dtype)
+    loss_a, grad_a = run(logits, target, mode=mode)
+    loss_b, grad_b = run(logits, target, mode=mode)
+    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("shape", [REAL, (16, 4, 240, 240)], ids=["C1", "C4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_cuda_realistic_channels_last(cuda, default_blocks, shape, dtype, mode):
+    # C1: train.py's model output in channels_last (same bytes as contiguous); C4: a layout that
+    # really differs, so the kernels walk a permuted order and the target (contiguous) is copied.
+    logits, target = real_inputs(dtype, shape)
+    logits = logits.contiguous(memory_format=torch.channels_last)
+    x = logits.clone().requires_grad_()
+    loss = fd.dice_bce_loss(x, target, mode=mode, backend="triton")
+    loss.backward()
+    assert same_layout(x.grad, logits)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    check(logits, target, mode=mode, atol=0.0, grad_rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
+    # same numbers as the contiguous layout, up to float32 summation order (and bf16 rounding)
+    loss_c, grad_c = run(logits.contiguous(), target, mode=mode)
+    torch.testing.assert_close(loss, loss_c)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    scale = grad_c.abs().max().item()
+    torch.testing.assert_close(x.grad.contiguous(), grad_c, rtol=tol, atol=tol * scale)
+
+
+def test_cuda_auto_uses_triton(cuda):
+    logits, target = randn(*SHAPE, device=cuda), mask(*SHAPE, device=cuda)
+    loss_auto, grad_auto = run(logits, target, backend="auto")
+    loss_tri, grad_tri = run(logits, target, backend="triton")
+    assert torch.equal(loss_auto, loss_tri) and torch.equal(grad_auto, grad_tri)
 
 
 # ---------------------------------------------------------------------------------------------
