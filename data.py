@@ -475,9 +475,11 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], device
     return SliceSet(images, masks, volume, list(volume_ids))
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random dihedral transform (flips and 90° rotations), intensity scale/shift per channel and, optionally,
-    a small rotation + zoom through grid_sample; the same geometry for image (N, C, H, W) and mask (N, 1, H, W)."""
+def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False,
+            intensity: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random dihedral transform (flips and 90° rotations), brain intensities scaled by 1 ± intensity and shifted
+    by ± intensity per channel (scanners and sites differ in contrast) and, optionally, a small rotation + zoom
+    through grid_sample; the same geometry for image (N, C, H, W) and mask (N, 1, H, W)."""
     n, c, dev = x.shape[0], x.shape[1], x.device
 
     def coin() -> torch.Tensor:
@@ -489,8 +491,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
     for dim in (-1, -2):
         f = coin()
         x, y = torch.where(f, x.flip(dim), x), torch.where(f, y.flip(dim), y)
-    scale = 1 + 0.1 * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
-    shift = 0.1 * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
+    scale = 1 + intensity * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
+    shift = intensity * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
     x = torch.where(x != 0, x * scale + shift, x)
     if affine:
         angle = (2 * torch.rand(n, device=dev, generator=generator) - 1) * math.radians(15)

@@ -54,6 +54,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     augment: bool = True             # flips, 90° rotations, intensity scale/shift
     affine: bool = False             # plus a small random rotation and zoom (grid_sample)
+    intensity: float = 0.1           # brain intensities scaled by 1 ± intensity and shifted by ± intensity
     # the fast path: each trick is one flag, so bench/train.py can ablate them
     resident: bool = True            # dataset in device memory; False: a DataLoader over the disk cache
     workers: int = 2                 # DataLoader workers when not resident
@@ -351,11 +352,11 @@ def plot_slices(items: list[dict], path: Path, title: str) -> None:
 
     cols = min(4, max(1, len(items)))
     rows = max(1, math.ceil(len(items) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.8 * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, it in zip(axes.flat, items):
-        ax.imshow(overlay(it["image"], it["pred"], it["truth"]))
+        ax.imshow(overlay(it["image"].T, it["pred"].T, it["truth"].T))  # rows = y: the radiological view
         d = it["dice"]
         ax.set_title(f"{it['volume']} z={it['slice']}\nDice {d:.3f}" if not math.isnan(d) else
                      f"{it['volume']} z={it['slice']}\nno tumour", fontsize=8)
@@ -486,7 +487,7 @@ def main(cfg: TrainConfig) -> None:
                    disable=None if master else True, dynamic_ncols=True)  # None: only on a terminal
         for x, y in batches():
             if cfg.augment:
-                x, y = data.augment(x, y, aug_generator, affine=cfg.affine)
+                x, y = data.augment(x, y, aug_generator, affine=cfg.affine, intensity=cfg.intensity)
             loss, logits = step(x, y)
             pred = logits > 0
             sums += torch.stack([loss.detach().float(), (pred & (y > 0.5)).sum().float(), pred.sum().float(),

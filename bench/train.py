@@ -314,7 +314,7 @@ def run_row(cfg: train.TrainConfig, device: torch.device, cache: data.Cache, spl
             sync(device)
             t1 = time.perf_counter()
             if cfg.augment:
-                x, y = data.augment(x, y, aug_generator, affine=cfg.affine)
+                x, y = data.augment(x, y, aug_generator, affine=cfg.affine, intensity=cfg.intensity)
             loss, _ = step(x, y)
             sync(device)
             return t1 - t0, time.perf_counter() - t0, loss
