@@ -8,13 +8,13 @@ resolution, which is what every reported metric is measured against.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -212,11 +212,9 @@ def write_synthetic(folder: Path, n_volumes: int, n_slices: int, seed: int = 0) 
         image, label = synthetic_volume(rng, n_slices)
         onehot = np.stack([label == 1, label == 2, label == 4], -1).astype(np.uint8)
         for s in range(n_slices):
-            tmp = data / f".tmp_volume_{v}_slice_{s}.h5"
-            with h5py.File(tmp, "w") as f:
+            with atomic_path(data / f"volume_{v}_slice_{s}.h5") as tmp, h5py.File(tmp, "w") as f:
                 f.create_dataset("image", data=image[s], compression="lzf")
                 f.create_dataset("mask", data=onehot[s], compression="lzf")
-            os.replace(tmp, data / f"volume_{v}_slice_{s}.h5")
     done.write_text(f"{n_volumes}x{n_slices} seed {seed}\n")
     return folder
 
@@ -316,18 +314,29 @@ def fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed to `path` only if the block succeeds, removed otherwise.
+
+    The name keeps `path`'s suffixes (writers such as nibabel pick the format from them) and is unique to the process.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp_{path.name}")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 @dataclass

@@ -98,14 +98,8 @@ def write_nifti(mask_xyz: np.ndarray, case_dir: Path, affine: np.ndarray, path: 
     img = type(src)(mask_xyz.astype(np.uint8), affine, header)
     img.header.set_slope_inter(1, 0)  # never rescale the labels
     img.set_data_dtype(np.uint8)
-    # a hidden name unique to this process that still ends in .nii.gz (nibabel picks compression by extension)
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
-    try:
+    with data.atomic_path(path) as tmp:  # keeps the .nii.gz suffix: nibabel picks compression by extension
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def montage_slices(pred: np.ndarray, truth: np.ndarray | None) -> list[int]:

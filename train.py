@@ -194,9 +194,8 @@ def postprocess(probs: np.ndarray, threshold: float, min_component: int, largest
 
 
 def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with data.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]:
@@ -370,10 +369,9 @@ def plot_slices(items: list[dict], path: Path, title: str) -> None:
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".tmp_{path.name}")
-    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
+    with data.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def slice_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
