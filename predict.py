@@ -74,10 +74,9 @@ class Predictor:
         mask = np.zeros(image.shape[:3], bool)
         if len(keep):
             x = torch.from_numpy(np.ascontiguousarray(images[:, list(self.ckpt["channels"])]))
-            logits = train.predict_logits(self.model, x, self.device, self.batch_size, self.dtype,
-                                          self.channels_last, out_size=data.RAW_SIZE)
-            # float16 probabilities, as train.volume_probs keeps them: the same masks as train.py's evaluation
-            probs = torch.sigmoid(logits).half().cpu().numpy().astype(np.float32)
+            # the same float16 probabilities as train.py's evaluation, so the same masks
+            probs = train.slice_probs(self.model, x, self.device, self.batch_size, self.dtype,
+                                      self.channels_last).astype(np.float32)
             mask[keep] = train.postprocess(probs, float(self.ckpt["threshold"]), int(self.ckpt["min_component"]),
                                            bool(self.ckpt.get("largest_3d", False)))
         return mask

@@ -215,14 +215,17 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
 # Evaluation at the original resolution
 
 
+def slice_probs(model, images: torch.Tensor, device, batch_size: int, dtype, cl) -> np.ndarray:
+    """Tumour probability of each slice of (N, C, H, W) float16 images at 240 x 240, float16 on the host:
+    what evaluation (here) and predict.py threshold."""
+    logits = predict_logits(model, images, device, batch_size, dtype, cl, out_size=data.RAW_SIZE)
+    return torch.sigmoid(logits).half().cpu().numpy()
+
+
 def volume_probs(model, cache: data.Cache, ids: list[str], channels: list[int], device, cfg_batch, dtype, cl) -> dict[str, np.ndarray]:
-    """Per volume: the tumour probability of each kept slice at 240 x 240, float16 on the host."""
-    out = {}
-    for vid in ids:
-        images = torch.from_numpy(np.ascontiguousarray(cache.images(vid, mmap=True)[:, channels]))
-        logits = predict_logits(model, images, device, cfg_batch, dtype, cl, out_size=data.RAW_SIZE)
-        out[vid] = torch.sigmoid(logits).half().cpu().numpy()
-    return out
+    """Per volume: slice_probs of its kept slices."""
+    return {vid: slice_probs(model, torch.from_numpy(np.ascontiguousarray(cache.images(vid, mmap=True)[:, channels])),
+                             device, cfg_batch, dtype, cl) for vid in ids}
 
 
 def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> tuple[dict, float]:
