@@ -22,19 +22,26 @@ from typing import Iterator
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 CHANNELS = ("flair", "t1", "t1ce", "t2")  # T2-FLAIR, T1, T1Gd (contrast-enhanced), T2
 FLAIR = CHANNELS.index("flair")
 RAW_SIZE = 240  # BraTS in-plane size, both layouts
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: slices cropped to the brain's box before resizing (meta "box")
+SYNTHETIC_VERSION = 1  # the phantoms' own format, independent of the cache's
+CROP_MARGIN = 4  # voxels of background kept around the brain's box
 KAGGLE_DATASET = "awsaf49/brats2020-training-data"
 H5_NAME = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
 DEFAULT_SYNTHETIC = (12, 40)  # volumes x slices of `--data synthetic`
 
 
-class DataError(Exception):
-    """Bad or missing input data; its message is the one line a user sees."""
+class UsageError(Exception):
+    """Bad input from the user (a flag, a file, a checkpoint): its message is the one line the user sees."""
+
+
+class DataError(UsageError):
+    """Bad or missing input data."""
 
 
 def default_cache_dir() -> Path:
@@ -279,15 +286,49 @@ def resize_slices(x: np.ndarray, size: int, nearest: bool) -> np.ndarray:
         np.zeros((0, size, size, *x.shape[3:]), x.dtype)
 
 
-def preprocess_volume(image: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image (S, 240, 240, 4) → (kept slice indices, normalised float16 images (S', 4, size, size)).
+def brain_box(brain: np.ndarray, margin: int = CROP_MARGIN) -> tuple[int, int, int]:
+    """The square in-plane box (x0, y0, side) around the brain of a volume's (S, H, W) mask, plus a margin,
+    inside the frame. One box per volume, so every slice of a patient keeps the same scale."""
+    frame = brain.shape[1]
+    if not brain.any():
+        return 0, 0, frame
+    xs, ys = np.flatnonzero(brain.any((0, 2))), np.flatnonzero(brain.any((0, 1)))
+    side = int(min(frame, max(xs[-1] - xs[0], ys[-1] - ys[0]) + 1 + 2 * margin))
+    x0 = int(np.clip((xs[0] + xs[-1] + 1 - side) // 2, 0, frame - side))
+    y0 = int(np.clip((ys[0] + ys[-1] + 1 - side) // 2, 0, frame - side))
+    return x0, y0, side
+
+
+def crop(x: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+    """The box (x0, y0, side) of (S, H, W, ...) slices."""
+    x0, y0, side = box
+    return x[:, x0:x0 + side, y0:y0 + side]
+
+
+def uncrop(values: torch.Tensor, box: tuple[int, int, int], frame: int = RAW_SIZE, fill: float = 0.0) -> torch.Tensor:
+    """Values (S, size, size) computed on a cropped box, back in the full frame (S, frame, frame): bilinear resize
+    to the box, `fill` outside it."""
+    x0, y0, side = box
+    if values.shape[-1] != side:
+        values = F.interpolate(values[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
+    out = values.new_full((values.shape[0], frame, frame), fill)
+    out[:, x0:x0 + side, y0:y0 + side] = values
+    return out
+
+
+def preprocess_volume(image: np.ndarray, size: int, crop_to_brain: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """Image (S, 240, 240, 4) → kept slice indices, normalised float16 images (S', 4, size, size) and the box
+    (x0, y0, side) they were resized from: the brain's box (`crop_to_brain`) or the whole frame.
 
     Slices with no brain are dropped: nothing to segment, and they would only teach the model the background.
+    Cropping to the brain spends the pixels of `size` on the brain instead of the empty frame around it.
     """
     norm, brain = normalise_volume(image)
     keep = np.flatnonzero(brain.any((1, 2)))
-    images = resize_slices(norm[keep], size, nearest=False).astype(np.float16)
-    return keep, np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    box = brain_box(brain) if crop_to_brain else (0, 0, image.shape[1])
+    images = resize_slices(crop(norm[keep], box), size, nearest=False).astype(np.float16)
+    return keep, np.ascontiguousarray(images.transpose(0, 3, 1, 2)), box
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,16 +370,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 @dataclass
 class Cache:
     """A finished cache folder and its meta.json (volumes in order, their slices and spacing)."""
@@ -364,7 +395,7 @@ class Cache:
         return np.load(self.root / f"full_{vid}.npy")
 
 
-def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
+def prepare(spec: str, size: int, cache_dir: Path | None = None, crop_to_brain: bool = True) -> Cache:
     """Resolve a --data source, build its preprocessed cache once (volume by volume), and return it."""
     if size <= 0:
         raise DataError(f"--size must be positive, got {size}")
@@ -374,7 +405,7 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
         n_vol, n_sl = (int(t) for t in arg.split("x")) if arg else DEFAULT_SYNTHETIC
         if n_vol < 1 or n_sl < 1:
             raise DataError(f"--data synthetic:{arg}: needs at least one volume and one slice")
-        kind, root = "h5", write_synthetic(cache_dir / f"synthetic-v{CACHE_VERSION}-{n_vol}x{n_sl}", n_vol, n_sl)
+        kind, root = "h5", write_synthetic(cache_dir / f"synthetic-v{SYNTHETIC_VERSION}-{n_vol}x{n_sl}", n_vol, n_sl)
     elif kind == "kaggle":
         kind, root = "h5", kaggle_download()
     else:
@@ -393,8 +424,9 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
             return image, label, spacing
         readers = {v: (lambda d=d: read_case(d)) for v, d in cases.items()}
 
-    key = hashlib.sha1(json.dumps([CACHE_VERSION, kind, str(root.resolve()), fingerprint(files), size]).encode()).hexdigest()[:16]
-    folder = cache_dir / f"{kind}-{size}-{key}"
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, kind, str(root.resolve()), fingerprint(files), size, crop_to_brain]
+                                  ).encode()).hexdigest()[:16]
+    folder = cache_dir / f"{kind}-{size}{'-crop' if crop_to_brain else ''}-{key}"
     if (folder / "meta.json").exists():
         return Cache(folder, json.loads((folder / "meta.json").read_text()))
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,20 +436,23 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
             raise DataError(f"volume name {vid!r} has characters that cannot name a cache file")
         image, label, spacing = reader()
         try:
-            keep, images = preprocess_volume(image, size)
+            keep, images, box = preprocess_volume(image, size, crop_to_brain)
         except DataError as e:
             raise DataError(f"volume {vid} in {root}: {e}") from None
         whole = (label[keep] > 0).astype(np.uint8)
-        atomic_save_npy(folder / f"full_{vid}.npy", whole)
-        atomic_save_npy(folder / f"masks_{vid}.npy", resize_slices(whole, size, nearest=True))
-        atomic_save_npy(folder / f"images_{vid}.npy", images)
-        volumes.append({"id": vid, "depth": int(image.shape[0]), "slices": keep.tolist(),
+        for name, array in (("full", whole), ("masks", resize_slices(crop(whole, box), size, nearest=True)),
+                            ("images", images)):
+            with atomic_path(folder / f"{name}_{vid}.npy") as tmp:
+                np.save(tmp, array)
+        volumes.append({"id": vid, "depth": int(image.shape[0]), "slices": keep.tolist(), "box": list(box),
                         "dropped": int(image.shape[0] - len(keep)), "spacing": list(spacing)})
         del image, label, images
-    meta = {"version": CACHE_VERSION, "source": spec, "root": str(root), "size": size, "channels": list(CHANNELS),
+    meta = {"version": CACHE_VERSION, "source": spec, "root": str(root), "size": size, "crop": crop_to_brain,
+            "channels": list(CHANNELS),
             "volumes": volumes, "kept": sum(len(v["slices"]) for v in volumes),
             "dropped": sum(v["dropped"] for v in volumes)}
-    atomic_write_text(folder / "meta.json", json.dumps(meta))
+    with atomic_path(folder / "meta.json") as tmp:
+        tmp.write_text(json.dumps(meta))
     return Cache(folder, meta)
 
 
@@ -425,42 +460,87 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None) -> Cache:
 # Split by patient
 
 
-def split_volumes(volume_ids: list[str], seed: int, fractions: tuple[float, float] = (0.15, 0.15)) -> dict[str, list[str]]:
-    """Seeded split of volumes (patients) into train / val / test, 70 / 15 / 15, val and test at least one each."""
+def split_volumes(volume_ids: list[str], seed: int, folds: int = 0, fold: int = 0) -> dict[str, list[str]]:
+    """Seeded split of volumes (patients) into train / val / test.
+
+    folds == 0: 70 / 15 / 15, val and test at least one volume each.
+    folds == K: K-fold cross-validation by patient. The seeded order is cut into K near-equal folds; fold `fold`
+    is the test set and the next fold the validation set, so over fold = 0..K-1 every patient is tested once.
+    """
     n = len(volume_ids)
     if n < 3:
         raise DataError(f"need at least 3 volumes to split by patient into train/val/test, found {n}")
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, round(fractions[0] * n))
-    n_test = max(1, round(fractions[1] * n))
-    ids = [volume_ids[i] for i in order]
+    ids = [volume_ids[i] for i in np.random.default_rng(seed).permutation(n)]
+    if folds:
+        if not 3 <= folds <= n:
+            raise DataError(f"--folds must be between 3 and the number of volumes ({n}), got {folds}")
+        if not 0 <= fold < folds:
+            raise DataError(f"--fold must be in 0..{folds - 1}, got {fold}")
+        parts = [ids[i::folds] for i in range(folds)]
+        test, val = parts[fold], parts[(fold + 1) % folds]
+        return {"train": sorted(set(ids) - set(test) - set(val)), "val": sorted(val), "test": sorted(test)}
+    n_val, n_test = max(1, round(0.15 * n)), max(1, round(0.15 * n))
     return {"train": sorted(ids[n_val + n_test:]), "val": sorted(ids[:n_val]), "test": sorted(ids[n_val:n_val + n_test])}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# In-memory slices: loaded once into device memory (or pinned host memory), batches drawn and augmented there.
+# Serving slices: the set held in memory (device or pinned host), neighbour slices as context, the augmentation,
+# and the batch source that train.py and bench/train.py both use.
+
+
+def as_device(device: torch.device | str) -> torch.device:
+    """The device with its index on CUDA ("cuda" → "cuda:<current>"), so it compares equal to its tensors' device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
+def context_index(counts: list[int], context: int) -> torch.Tensor:
+    """For slices stacked volume after volume (`counts` slices each): the (N, 2 * context + 1) indices of each
+    slice's neighbours z - context .. z + context in its own volume; the first and last slice repeat at the ends."""
+    rows, start = [], 0
+    offsets = torch.arange(-context, context + 1)
+    for c in counts:
+        z = torch.arange(c)[:, None] + offsets
+        rows.append(start + z.clamp(0, max(c - 1, 0)))
+        start += c
+    return torch.cat(rows) if rows else torch.zeros((0, 2 * context + 1), dtype=torch.long)
+
+
+def with_context(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Model input: each slice's neighbours stacked as channels, (N, C, H, W) + (M, K) → (M, K * C, H, W),
+    ordered neighbour by neighbour (z - context first)."""
+    return images[index].flatten(1, 2)
 
 
 @dataclass
 class SliceSet:
-    """Slices of some volumes, held as tensors: images (N, C, H, W) float16, masks (N, H, W) uint8."""
+    """Slices of some volumes as tensors: images (N, C, H, W) float16, masks (N, H, W) uint8, the volume of each
+    slice (N,) as an index into volume_ids (CPU), and each slice's context indices (N, 2 * context + 1)."""
 
     images: torch.Tensor
     masks: torch.Tensor
-    volume: torch.Tensor  # (N,) index into volume_ids, on the CPU
+    volume: torch.Tensor
     volume_ids: list[str]
+    context: torch.Tensor
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """Model inputs (float16, with context) of the slices `idx`."""
+        return with_context(self.images, self.context[idx])
 
-def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str = "cpu") -> SliceSet:
+
+def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0,
+                device: torch.device | str = "cpu") -> SliceSet:
     """Load the cached slices of these volumes into one tensor on `device`, volume by volume.
 
     On CUDA, when the set does not fit in free memory (with 4 GB headroom), it stays in pinned host memory
     and batches are copied over without blocking; one line says so.
     """
-    device = torch.device(device)
+    device = as_device(device)
     counts = [len(cache.volume(v)["slices"]) for v in volume_ids]
     n, size = sum(counts), cache.meta["size"]
     target = device
@@ -481,14 +561,15 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], device
         masks[start:start + c].copy_(torch.from_numpy(cache.masks(vid)))
         start += c
     volume = torch.repeat_interleave(torch.arange(len(volume_ids)), torch.tensor(counts, dtype=torch.long))
-    return SliceSet(images, masks, volume, list(volume_ids))
+    return SliceSet(images, masks, volume, list(volume_ids), context_index(counts, context).to(target))
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False,
             intensity: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """Random dihedral transform (flips and 90° rotations), brain intensities scaled by 1 ± intensity and shifted
     by ± intensity per channel (scanners and sites differ in contrast) and, optionally, a small rotation + zoom
-    through grid_sample; the same geometry for image (N, C, H, W) and mask (N, 1, H, W)."""
+    through grid_sample; the same geometry for image (N, C, H, W) float and mask (N, 1, H, W) uint8. Returns
+    contiguous tensors, the mask still uint8."""
     n, c, dev = x.shape[0], x.shape[1], x.device
 
     def coin() -> torch.Tensor:
@@ -509,40 +590,31 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
         zero = torch.zeros_like(cos)
         theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
-        grid = torch.nn.functional.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", align_corners=False)
-        y = torch.nn.functional.grid_sample(y, grid.to(y.dtype), mode="nearest", align_corners=False)
-    return x, y
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", align_corners=False)
+        y = F.grid_sample(y.to(x.dtype), grid, mode="nearest", align_corners=False).to(torch.uint8)
+    return x.contiguous(), y.contiguous()
 
 
-def iterate_batches(data: SliceSet, batch_size: int, generator: torch.Generator, device: torch.device,
-                    drop_last: bool = True, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled batches (float32 images, float32 masks (N, 1, H, W)) drawn by indexing on the device.
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's share of epoch `epoch`'s shuffled order of n slices (CPU, int64).
 
-    Under DistributedDataParallel every rank draws the same permutation (same generator seed) and takes every
-    world-th slice of it from its rank on, so ranks never train on the same slice in an epoch.
+    The permutation depends only on (seed, epoch), so every rank draws the same one and takes every world-th
+    slice from its rank on (ranks never share a slice in an epoch), and a resumed run replays the same epochs.
     """
-    order = torch.randperm(len(data), device=data.images.device, generator=generator) if generator is not None else \
-        torch.arange(len(data), device=data.images.device)
-    order = order[rank::world]
-    n = len(order)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for i in range(0, stop, batch_size):
-        idx = order[i:i + batch_size]
-        x, y = data.images[idx], data.masks[idx]
-        if x.device != device:
-            x, y = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device), \
-                y.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else y.to(device)
-        yield x.float(), y.unsqueeze(1).float()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)[rank::world]
 
 
 class DiskSlices(torch.utils.data.Dataset):
-    """The usual recipe, kept as the baseline: slices read one at a time from the memory-mapped disk cache
-    by DataLoader workers. (image float16 (C, H, W), mask uint8 (H, W))."""
+    """Slices read one at a time from the memory-mapped disk cache, for DataLoader workers (the --resident off
+    path): (image float16 (K * C, H, W) with its context, mask uint8 (H, W))."""
 
-    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int]):
+    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0):
         self.cache, self.channels = cache, channels
-        self.index = [(v, k) for v in volume_ids for k in range(len(cache.volume(v)["slices"]))]
+        counts = [len(cache.volume(v)["slices"]) for v in volume_ids]
+        self.index = [(v, k) for v, c in zip(volume_ids, counts) for k in range(c)]
+        self.context = context_index(counts, context)
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # opened lazily, per worker process
 
     def __len__(self) -> int:
@@ -553,4 +625,72 @@ class DiskSlices(torch.utils.data.Dataset):
         if vid not in self.arrays:
             self.arrays[vid] = (self.cache.images(vid, mmap=True), self.cache.masks(vid, mmap=True))
         images, masks = self.arrays[vid]
-        return torch.from_numpy(np.ascontiguousarray(images[k, self.channels])), torch.from_numpy(np.array(masks[k]))
+        ks = (self.context[i] - self.context[i, self.context.shape[1] // 2] + k).tolist()  # neighbours, in-volume
+        x = np.ascontiguousarray(images[ks][:, self.channels]).reshape(-1, *images.shape[2:])
+        return torch.from_numpy(x), torch.from_numpy(np.array(masks[k]))
+
+
+class OrderSampler(torch.utils.data.Sampler):
+    """Yields the indices it was last given: the DataLoader path follows epoch_order like the resident path."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class TrainBatches:
+    """Epochs of shuffled, augmented training batches on `device`: the one batch source of train.py and bench/.
+
+    resident=True: the training slices live in device memory (or pinned host memory when they do not fit) and a
+    batch is one indexing; False: DataLoader workers read them from the memory-mapped disk cache (DiskSlices).
+    Both follow epoch_order, and each batch's augmentation is seeded by (seed, epoch, rank, batch), so an
+    epoch is a pure function of its number: a run resumed at any batch sees the batches it would have seen.
+    Yields (images float32 (B, K * C, H, W), masks uint8 (B, 1, H, W)), contiguous, on `device`.
+    """
+
+    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
+                 batch_size: int, *, context: int = 0, resident: bool = True, workers: int = 2, seed: int = 0,
+                 rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False, intensity: float = 0.1):
+        self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
+        self.seed, self.rank, self.world = seed, rank, world
+        self.augment, self.affine, self.intensity = augment, affine, intensity
+        if resident:
+            self.slices = load_slices(cache, volume_ids, channels, context, self.device)
+            self.n = len(self.slices)
+        else:
+            dataset = DiskSlices(cache, volume_ids, channels, context)
+            self.n, self.sampler = len(dataset), OrderSampler()
+            self.loader = torch.utils.data.DataLoader(
+                dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, num_workers=workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        self.shuffle_generator = torch.Generator(device=self.slices.images.device if resident else "cpu").manual_seed(seed * 1000)
+        self.aug_generator = torch.Generator(device=self.device).manual_seed(seed * 1000 + rank + 1)
+
+    def __len__(self) -> int:
+        """Batches per epoch on each rank (the same on every rank; the remainder of the permutation is dropped)."""
+        return (self.n // self.world) // self.batch_size
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches start, start + 1, ... of epoch `epoch` (epochs count from 1)."""
+        order = torch.randperm(self.n, device=self.shuffle_generator.device, generator=self.shuffle_generator)[self.rank::self.world][:len(self) * self.batch_size]
+        order = order[start * self.batch_size:]
+        if self.resident:
+            order = order.to(self.slices.images.device)
+            raw = ((self.slices.inputs(idx), self.slices.masks[idx]) for idx in order.split(self.batch_size))
+        else:
+            self.sampler.order = order.tolist()
+            raw = iter(self.loader)
+        for b, (x, y) in enumerate(raw, start):
+            if x.device != self.device:  # host memory → device: pinned, so the copy does not block
+                if self.device.type == "cuda":
+                    x, y = x.pin_memory(), y.pin_memory()
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = x.float(), y.unsqueeze(1)
+            if self.augment:
+                x, y = augment(x, y, self.aug_generator, self.affine, self.intensity)
+            yield x, y

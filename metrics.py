@@ -14,32 +14,39 @@ import torch
 from scipy import ndimage
 
 
-def _flat_counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def counts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample of (N, ...) masks: |A∩B|, |A| and |B| (float64), from which Dice and IoU are computed."""
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     p = pred.reshape(pred.shape[0], -1).bool()
     t = target.reshape(target.shape[0], -1).bool()
-    inter = (p & t).sum(1).double()
-    return inter, p.sum(1).double(), t.sum(1).double()
+    return (p & t).sum(1).double(), p.sum(1).double(), t.sum(1).double()
+
+
+def dice_from_counts(inter: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Dice = 2|A∩B| / (|A| + |B|) from counts (any shape, summed however the caller wants: per slice, per volume,
+    over a batch); NaN where the target is empty. The one Dice formula of the project."""
+    return torch.where(true > 0, 2 * inter / (pred + true).clamp_min(1), math.nan)
+
+
+def iou_from_counts(inter: torch.Tensor, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """IoU = |A∩B| / |A∪B| from counts; NaN where the target is empty. The one IoU formula of the project."""
+    return torch.where(true > 0, inter / (pred + true - inter).clamp_min(1), math.nan)
 
 
 def dice_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice = 2|A∩B| / (|A| + |B|) per sample of (N, ...) boolean masks; NaN where the target is empty."""
-    inter, p, t = _flat_counts(pred, target)
-    score = 2 * inter / (p + t).clamp_min(1)
-    return torch.where(t > 0, score, torch.full_like(score, math.nan)).float()
+    """Dice per sample of (N, ...) boolean masks (float32); NaN where the target is empty."""
+    return dice_from_counts(*counts(pred, target)).float()
 
 
 def iou_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU = |A∩B| / |A∪B| per sample of (N, ...) boolean masks; NaN where the target is empty."""
-    inter, p, t = _flat_counts(pred, target)
-    score = inter / (p + t - inter).clamp_min(1)
-    return torch.where(t > 0, score, torch.full_like(score, math.nan)).float()
+    """IoU per sample of (N, ...) boolean masks (float32); NaN where the target is empty."""
+    return iou_from_counts(*counts(pred, target)).float()
 
 
 def false_positive_slices(pred: torch.Tensor, target: torch.Tensor) -> int:
     """Number of samples whose target is empty but whose prediction has at least one pixel."""
-    _, p, t = _flat_counts(pred, target)
+    _, p, t = counts(pred, target)
     return int(((t == 0) & (p > 0)).sum())
 
 

@@ -5,123 +5,217 @@
     python train.py --data synthetic --size 64 --epochs 2 --device cpu --out runs/smoke
     torchrun --nproc_per_node=8 train.py ...                 # DistributedDataParallel, one process per GPU
 
-Top to bottom: config → data (cached, split by patient, resident on the device) → model → training loop
-(Dice + BCE, AdamW, warm-up + cosine, early stopping on validation Dice) → threshold and minimum component
-size chosen on validation → one evaluation on the test patients at 240 x 240 → figures. Everything lands in --out.
+main() reads top to bottom: set_up (device, ranks, speed settings) → load_data (cached, split by patient,
+batches on the device) → build (model, optimiser, schedule, step) → fit (train_epoch and validate each epoch,
+early stopping, checkpoints) → post-processing chosen on validation → test on unseen patients at 240 x 240 →
+figures. Everything lands in --out.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import figures
+import inference
 import metrics
 from fused_dice import dice_bce_loss
 from unet import UNet, UNetConfig, count_parameters
 
-THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
-MIN_COMPONENTS = (0, 10, 25, 50, 100, 200, 400)  # pixels at 240 x 240
+ON_OFF, AUTO_ON_OFF = ("on", "off"), ("auto", "on", "off")
+MODALITIES, CACHE_DIR = data.CHANNELS, data.default_cache_dir()  # for help texts (a field below is named `data`)
+
+
+def option(default, help: str, choices: tuple | None = None, type=None):
+    """A config field with its --help text: the one place a flag is documented."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": type})
 
 
 @dataclass
 class TrainConfig:
-    data: str = "kaggle"             # kaggle | synthetic[:VxS] | h5:DIR | nifti:DIR
-    channel: int | None = None       # None: all four modalities; else one index of data.CHANNELS (0 = FLAIR)
-    size: int = 240                  # slices are resized to size x size for training
-    epochs: int = 40
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup: float = 1.0              # epochs of linear warm-up before the cosine decay
-    patience: int = 8                # epochs without a better validation Dice before stopping
-    base: int = 32                   # U-Net width at the first level
-    depth: int = 4
-    norm: str = "batch"
-    loss_mode: str = "batch"         # Dice over the whole batch, or per image then averaged
-    bce_weight: float = 1.0
-    dice_weight: float = 1.0
-    augment: bool = True             # flips, 90° rotations, intensity scale/shift
-    affine: bool = False             # plus a small random rotation and zoom (grid_sample)
-    intensity: float = 0.1           # brain intensities scaled by 1 ± intensity and shifted by ± intensity
-    # the fast path: each trick is one flag, so bench/train.py can ablate them
-    resident: bool = True            # dataset in device memory; False: a DataLoader over the disk cache
-    workers: int = 2                 # DataLoader workers when not resident
-    channels_last: str = "auto"      # auto (on for CUDA) | on | off
-    amp: str = "auto"                # auto (bf16 on CUDA if supported, else fp16) | bf16 | fp16 | off
-    compile: str = "auto"            # auto (on for CUDA) | on | off
-    loss_backend: str = "auto"       # auto (Triton on CUDA) | triton | torch
-    device: str = "auto"
-    seed: int = 0
-    out: str = "runs/latest"
-    cache_dir: str | None = None
+    # data
+    data: str = option("kaggle", "kaggle | synthetic[:VOLUMESxSLICES] | h5:DIR (Kaggle .h5 files) | nifti:DIR "
+                                 "(official BraTS case folders)")
+    channel: int | None = option(None, f"train on one modality only, an index into {MODALITIES} (0 = FLAIR); "
+                                       "default: all four", type=int)
+    context: int = option(0, "neighbouring slices on each side stacked as extra input channels (2.5D); 0: the slice alone")
+    size: int = option(240, "slices are resized to SIZE x SIZE pixels for training")
+    crop: str = option("on", "crop each volume to its brain's box before resizing, so the SIZE pixels span the brain",
+                       ON_OFF)
+    folds: int = option(0, "K-fold cross-validation by patient: fold --fold is the test set, the next fold the "
+                           "validation set; 0: one seeded 70/15/15 split")
+    fold: int = option(0, "the test fold (0..K-1) with --folds K")
+    cache_dir: str | None = option(None, f"preprocessed arrays are cached here (default {CACHE_DIR})",
+                                   type=str)
+    # model
+    base: int = option(32, "U-Net width at the first level (doubles at each level down)")
+    depth: int = option(4, "down-sampling steps of the U-Net")
+    norm: str = option("batch", "normalisation layer", ("batch", "instance", "group", "none"))
+    # optimisation
+    epochs: int = option(40, "epochs at most")
+    batch_size: int = option(32, "slices per batch (per process under torchrun)")
+    lr: float = option(2e-3, "peak AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    warmup: float = option(1.0, "epochs of linear warm-up before the cosine decay to 1%% of --lr")
+    patience: int = option(8, "stop after this many epochs without a better validation Dice; 0: never stop early")
+    select: str = option("best", "the model kept as best.pt and tested: the epoch with the best validation Dice, or "
+                                 "the last epoch (a schedule annealed to its end)", ("best", "last"))
+    loss_mode: str = option("batch", "Dice over the whole batch, or per image then averaged", ("batch", "image"))
+    bce_weight: float = option(1.0, "weight of BCE in the loss")
+    dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
+    # augmentation (on the device)
+    augment: str = option("on", "random flips, 90 degree rotations, intensity scale/shift", ON_OFF)
+    affine: str = option("off", "also a small random rotation (±15°) and zoom (±10%%)", ON_OFF)
+    intensity: float = option(0.1, "brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY")
+    # speed: each trick one flag, so bench/train.py can ablate them
+    resident: str = option("on", "training slices in device memory, batches by indexing; off: DataLoader workers read "
+                                 "the disk cache", ON_OFF)
+    workers: int = option(2, "DataLoader workers with --resident off")
+    channels_last: str = option("auto", "channels-last memory format (auto: on CUDA, and on CPUs with native bf16)",
+                                AUTO_ON_OFF)
+    amp: str = option("auto", "autocast dtype (auto: bf16 on CUDA (fp16 where unsupported) and on CPUs with native "
+                              "bf16, else fp32)", ("auto", "bf16", "fp16", "off"))
+    compile: str = option("auto", "torch.compile the step (auto: on CUDA)", AUTO_ON_OFF)
+    loss_backend: str = option("auto", "Dice+BCE implementation (auto: the Triton kernels on CUDA)",
+                               ("auto", "triton", "torch"))
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    # run
+    seed: int = option(0, "seeds the split, the model's initialisation, shuffling and augmentation")
+    out: str = option("runs/latest", "the run folder")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    defaults = TrainConfig()
+    """Flags from TrainConfig's fields, their help from each field's documentation; bad values are a UsageError."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif f.name == "channel":
-            p.add_argument(flag, type=int, default=None, help=f"one modality only, index into {data.CHANNELS}")
-        elif f.name == "cache_dir":
-            p.add_argument(flag, default=None, help=f"default {data.default_cache_dir()}")
-        else:
-            choices = {"device": ["auto", "cpu", "cuda"], "norm": ["batch", "instance", "group", "none"],
-                       "loss_mode": ["batch", "image"], "amp": ["auto", "bf16", "fp16", "off"],
-                       "compile": ["auto", "on", "off"], "channels_last": ["auto", "on", "off"],
-                       "loss_backend": ["auto", "triton", "torch"]}.get(f.name)
-            p.add_argument(flag, type=type(value), default=value, choices=choices)
+        meta = f.metadata
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=meta["help"], choices=meta["choices"],
+                       type=meta["type"] or type(f.default), metavar=None if meta["choices"] else f.name.upper())
     cfg = TrainConfig(**vars(p.parse_args(argv)))
-    for name in ("size", "epochs", "batch_size", "base", "depth", "patience"):
-        if getattr(cfg, name) <= 0:
-            raise data.DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise data.DataError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
-        raise data.DataError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
+    check_config(cfg)
     return cfg
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Raise a UsageError naming the first flag with a bad value."""
+    for name in ("size", "epochs", "batch_size", "base", "depth"):
+        if getattr(cfg, name) <= 0:
+            raise data.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise data.UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise data.UsageError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
+        raise data.UsageError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
+    if cfg.folds and not 0 <= cfg.fold < cfg.folds:
+        raise data.UsageError(f"--fold must be in 0..{cfg.folds - 1} with --folds {cfg.folds}, got {cfg.fold}")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Pieces shared with predict.py and bench/train.py
+# Set-up and data
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise data.DataError("--device cuda: no CUDA device is available")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+@dataclass
+class Run:
+    """What set_up decided: where and how this process trains."""
+
+    device: torch.device
+    speed: inference.Speed
+    out: Path
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
 
 
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 where the device supports it, fp16 (with a GradScaler) otherwise, None for fp32."""
-    if setting == "off" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+def set_up(cfg: TrainConfig) -> Run:
+    """Device, torchrun ranks (WORLD_SIZE/RANK/LOCAL_RANK; a plain run is rank 0 of 1), seeds, speed settings."""
+    device = inference.resolve_device(cfg.device)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cuda":
+        tune_cuda()
+    speed = inference.resolve_speed(device, cfg.amp, cfg.channels_last, cfg.compile)
+    if rank == 0:
+        print(json.dumps(asdict(cfg)))
+    return Run(device, speed, Path(cfg.out), rank, world)
+
+
+def tune_cuda() -> None:
+    """train.py's CUDA settings: cuDNN picks the fastest convolution for each shape, matmuls and convolutions in TF32."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
 def channel_list(channel: int | None) -> list[int]:
     return list(range(len(data.CHANNELS))) if channel is None else [channel]
 
 
+def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainBatches, data.SliceSet]:
+    """The cache (built once, by rank 0, while the other ranks wait), the split by patient, the training batches and
+    the validation slices; the run folder is written only once the data is known to be good."""
+    if run.ddp:  # a full cache build takes far longer than a collective's default timeout: wait on a gloo group
+        waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12))
+        if run.master:
+            data.prepare(cfg.data, cfg.size, cfg.cache_dir, cfg.crop == "on")
+        dist.barrier(group=waiting)
+    cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir, cfg.crop == "on")
+    split = data.split_volumes(cache.volume_ids, cfg.seed, cfg.folds, cfg.fold)
+    channels = channel_list(cfg.channel)
+    counts = {k: sum(len(cache.volume(v)["slices"]) for v in ids) for k, ids in split.items()}
+    if counts["train"] == 0 or counts["val"] == 0:
+        raise data.DataError("no slices with brain in the training or validation volumes")
+    batch_size = min(cfg.batch_size, counts["train"] // run.world)
+    batches = data.TrainBatches(
+        cache, split["train"], channels, run.device, batch_size, context=cfg.context, resident=cfg.resident == "on",
+        workers=cfg.workers, seed=cfg.seed, rank=run.rank, world=run.world, augment=cfg.augment == "on",
+        affine=cfg.affine == "on", intensity=cfg.intensity)
+    val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device)
+    if run.master:
+        run.out.mkdir(parents=True, exist_ok=True)
+        for name, obj in (("config.json", asdict(cfg)), ("split.json", split)):
+            with data.atomic_path(run.out / name) as tmp:
+                tmp.write_text(json.dumps(obj, indent=2))
+        print(f"data: {len(cache.volume_ids)} volumes, {cache.meta['kept']} slices with brain ({cache.meta['dropped']} "
+              f"without brain dropped); split by patient {len(split['train'])}/{len(split['val'])}/{len(split['test'])} "
+              f"volumes ({counts['train']}/{counts['val']}/{counts['test']} slices); channels "
+              f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context}, crop {cfg.crop}")
+    return cache, split, batches, val_set
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model, optimiser, one step
+
+
 def build_model(cfg: TrainConfig) -> UNet:
-    return UNet(UNetConfig(in_channels=len(channel_list(cfg.channel)), base=cfg.base, depth=cfg.depth, norm=cfg.norm))
+    return UNet(UNetConfig(in_channels=len(channel_list(cfg.channel)) * (2 * cfg.context + 1), base=cfg.base,
+                           depth=cfg.depth, norm=cfg.norm))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int,
@@ -139,23 +233,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig,
-                    device: torch.device, dtype: torch.dtype | None, channels_last: bool, use_compile: bool):
-    """One optimisation step `step(x, y) -> (loss, detached logits)` with the fast-path tricks the flags ask for:
+                    device: torch.device, speed: inference.Speed):
+    """One optimisation step `train_step(x, y) -> (loss, detached logits)` with the fast-path tricks in `speed`:
     channels_last input, autocast (fp16 adds a GradScaler), torch.compile of forward + loss (the fused loss is one
     custom op inside the graph). No host synchronisation: loss and logits stay on the device."""
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
             logits = model(x)
         loss = dice_bce_loss(logits, y, mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
                              dice_weight=cfg.dice_weight, backend=cfg.loss_backend)
         return loss, logits.detach()
 
-    forward = torch.compile(forward_loss) if use_compile else forward_loss
+    forward = torch.compile(forward_loss) if speed.compile else forward_loss
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if channels_last:
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = forward(x, y)
         scaler.scale(loss).backward()
@@ -165,132 +259,131 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
         scheduler.step()
         return loss, logits
 
-    return step
-
-
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int,
-                   dtype: torch.dtype | None, channels_last: bool, out_size: int | None = None) -> torch.Tensor:
-    """Logits (N, H, W) of float16 slices (N, C, H, W), batched on `device`; bilinearly resized to out_size if given."""
-    model.eval()
-    outs = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size].to(device, non_blocking=True).float()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x).float()
-        if out_size is not None and logits.shape[-1] != out_size:
-            logits = F.interpolate(logits, size=(out_size, out_size), mode="bilinear", align_corners=False)
-        outs.append(logits[:, 0])
-    return torch.cat(outs) if outs else torch.zeros(0, device=device)
-
-
-def postprocess(probs: np.ndarray, threshold: float, min_component: int, largest_3d: bool = False) -> np.ndarray:
-    """Binary mask of a volume's stacked slices (S, H, W) from probabilities: threshold, drop 2D components under
-    min_component pixels and, if asked, keep only the largest 3D component (one tumour per patient)."""
-    mask = metrics.remove_small_components(probs >= threshold, min_component)
-    return metrics.keep_largest_component(mask) if largest_3d else mask
-
-
-def save_atomic(obj, path: Path) -> None:
-    with data.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]:
-    """Model (eval mode, on device) and the checkpoint dict (config, channels, size, threshold, ...)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = UNet(UNetConfig(**ckpt["unet"]))
-        model.load_state_dict(ckpt["model"])
-    except FileNotFoundError:
-        raise data.DataError(f"checkpoint not found: {path}") from None
-    except Exception as e:
-        raise data.DataError(f"cannot load checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    return model.to(device).eval(), ckpt
+    return train_step
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation at the original resolution
+# One epoch, validation, the training loop
 
 
-def slice_probs(model, images: torch.Tensor, device, batch_size: int, dtype, cl) -> np.ndarray:
-    """Tumour probability of each slice of (N, C, H, W) float16 images at 240 x 240, float16 on the host:
-    what evaluation (here) and predict.py threshold."""
-    logits = predict_logits(model, images, device, batch_size, dtype, cl, out_size=data.RAW_SIZE)
-    return torch.sigmoid(logits).half().cpu().numpy()
+def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, desc: str) -> dict:
+    """Run one epoch; train loss (mean over batches) and Dice/IoU pooled over all its pixels at threshold 0.5.
+    Totals stay on the device until the one host synchronisation at the end (summed over ranks under DDP)."""
+    totals = {k: torch.zeros((), device=run.device, dtype=torch.float64) for k in ("loss", "inter", "pred", "true")}
+    bar = tqdm(total=len(batches) * batches.batch_size * run.world, desc=desc, unit="slice",
+               disable=None if run.master else True, dynamic_ncols=True)  # None: only on a terminal
+    t0 = time.perf_counter()
+    for x, y in batches.epoch(epoch):
+        loss, logits = train_step(x, y)
+        inter, pred, true = metrics.counts(logits > 0, y)
+        for key, value in (("loss", loss.detach()), ("inter", inter.sum()), ("pred", pred.sum()), ("true", true.sum())):
+            totals[key] += value
+        bar.update(x.shape[0] * run.world)
+    bar.close()
+    values = torch.stack(list(totals.values()))
+    if run.ddp:
+        dist.all_reduce(values)
+    loss, inter, pred, true = values.tolist()  # the one host synchronisation of the epoch
+    seconds = time.perf_counter() - t0
+    inter, pred, true = torch.tensor(inter), torch.tensor(pred), torch.tensor(true)
+    return {"train_loss": loss / (len(batches) * run.world), "train_dice": metrics.dice_from_counts(inter, pred, true).item(),
+            "train_iou": metrics.iou_from_counts(inter, pred, true).item(), "seconds": seconds,
+            "slices_per_s": len(batches) * batches.batch_size * run.world / seconds}
 
 
-def volume_probs(model, cache: data.Cache, ids: list[str], channels: list[int], device, cfg_batch, dtype, cl) -> dict[str, np.ndarray]:
-    """Per volume: slice_probs of its kept slices."""
-    return {vid: slice_probs(model, torch.from_numpy(np.ascontiguousarray(cache.images(vid, mmap=True)[:, channels])),
-                             device, cfg_batch, dtype, cl) for vid in ids}
+@torch.inference_mode()
+def validate(model: torch.nn.Module, val_set: data.SliceSet, cfg: TrainConfig, run: Run, batch_size: int) -> dict:
+    """Validation loss, and Dice and IoU per volume (mean over volumes) at the training size and threshold 0.5."""
+    logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed)
+    masks = val_set.masks.to(run.device)
+    loss = dice_bce_loss(logits.unsqueeze(1), masks.unsqueeze(1), mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
+                         dice_weight=cfg.dice_weight, backend="torch")
+    per_slice = metrics.counts(logits > 0, masks)
+    volume = val_set.volume.to(run.device)
+    per_volume = [torch.zeros(len(val_set.volume_ids), dtype=torch.float64, device=run.device).index_add_(0, volume, c)
+                  for c in per_slice]
+    return {"val_loss": loss.item(), "val_dice": metrics.nanmean(metrics.dice_from_counts(*per_volume).tolist()),
+            "val_iou": metrics.nanmean(metrics.iou_from_counts(*per_volume).tolist())}
 
 
-def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> tuple[dict, float]:
-    """The post-processing (threshold, minimum component size, largest 3D component or not) with the best mean
-    per-volume Dice on these volumes, and that Dice.
+def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> dict:
+    """What best.pt holds: weights, model and run config, preprocessing, and the post-processing (defaults until
+    it is chosen on validation after training)."""
+    return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
+            "channels": channel_list(cfg.channel), "context": cfg.context, "size": cfg.size, "crop": cfg.crop == "on",
+            "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
 
-    Components are labelled once per threshold; every size cut is then a sum over component areas.
-    """
-    import cv2
 
-    best = (0.5, 0, -1.0)
-    for th in THRESHOLDS:
-        inter = np.zeros((len(probs), len(MIN_COMPONENTS)))
-        pred = np.zeros_like(inter)
-        true = np.array([t.sum() for t in truth.values()], np.float64)
-        for v, vid in enumerate(probs):
-            for p, t in zip(probs[vid] >= th, truth[vid].astype(bool)):
-                if not p.any():
-                    continue
-                n, labels, stats, _ = cv2.connectedComponentsWithStats(p.astype(np.uint8), connectivity=8)
-                area = stats[1:, cv2.CC_STAT_AREA]
-                hit = np.bincount(labels[t], minlength=n)[1:]
-                for j, m in enumerate(MIN_COMPONENTS):
-                    keep = area >= m
-                    inter[v, j] += hit[keep].sum()
-                    pred[v, j] += area[keep].sum()
-        dice = np.where(true[:, None] > 0, 2 * inter / np.maximum(pred + true[:, None], 1), np.nan)
-        for j, m in enumerate(MIN_COMPONENTS):
-            score = metrics.nanmean(dice[:, j])
-            if score > best[2] + 1e-9:
-                best = (th, m, score)
-    th, m, score = best
-    volume_dice = []
-    for vid in probs:
-        pred = torch.from_numpy(postprocess(probs[vid].astype(np.float32), th, m, largest_3d=True))[None]
-        volume_dice.append(metrics.dice_score(pred, torch.from_numpy(truth[vid].astype(bool))[None]).item())
-    largest = metrics.nanmean(volume_dice) > score + 1e-9
-    return {"threshold": th, "min_component": m, "largest_3d": largest}, max(score, metrics.nanmean(volume_dice))
+def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches, val_set: data.SliceSet) -> list[dict]:
+    """Train for --epochs (or until early stopping), validating after every epoch; rank 0 logs each epoch to
+    log.jsonl and keeps best.pt. Returns the log."""
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
+    optimizer, scheduler = make_optimizer(model, cfg, run.device, cfg.epochs * len(batches),
+                                          max(1, int(cfg.warmup * len(batches))))
+    train_step = make_train_step(train_model, optimizer, scheduler, cfg, run.device, run.speed)
+    eval_model = torch.compile(model) if run.speed.compile else model
+    log, best_dice, stale = [], -math.inf, 0
+    for epoch in range(1, cfg.epochs + 1):
+        train_model.train()
+        record = {"epoch": epoch, **train_epoch(train_step, batches, epoch, run, f"epoch {epoch}/{cfg.epochs}")}
+        # every rank validates (it is small and resident); under DDP rank 0's numbers decide (BatchNorm statistics
+        # differ per rank), so all ranks stop together
+        val = validate(eval_model, val_set, cfg, run, 2 * batches.batch_size)
+        if run.ddp:
+            agreed = torch.tensor(list(val.values()), dtype=torch.float64, device=run.device)
+            dist.broadcast(agreed, 0)
+            val = dict(zip(val, agreed.tolist()))
+        record.update(val, lr=optimizer.param_groups[0]["lr"])
+        improved = record["val_dice"] > best_dice
+        best_dice, stale = (record["val_dice"], 0) if improved else (best_dice, stale + 1)
+        if run.master:
+            log.append(record)
+            print(f"epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f}, val loss {val['val_loss']:.4f}, val Dice "
+                  f"{val['val_dice']:.4f}, val IoU {val['val_iou']:.4f}, {record['slices_per_s']:.0f} slices/s", flush=True)
+            with open(run.out / "log.jsonl", "a" if epoch > 1 else "w") as f:
+                f.write(json.dumps(record) + "\n")
+            if improved or cfg.select == "last":
+                inference.save_checkpoint(checkpoint(model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
+        if cfg.patience and stale >= cfg.patience:
+            if run.master:
+                best = max(log, key=lambda r: r["val_dice"])
+                print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best['val_dice']:.4f} "
+                      f"at epoch {best['epoch']})")
+            break
+    return log
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test: post-processing chosen on validation, then one look at the test patients, all at 240 x 240
+
+
+def volume_probs(predictor: inference.Predictor, cache: data.Cache, volume_ids: list[str]) -> dict[str, np.ndarray]:
+    """Per volume: the tumour probabilities (S, 240, 240) of its kept slices, from the cached inputs."""
+    return {vid: predictor.probs(cache.images(vid, mmap=True), cache.volume(vid)["box"]) for vid in volume_ids}
 
 
 def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tuple[dict, list[dict], dict]:
-    """Test metrics at 240 x 240: per-slice and per-volume Dice/IoU, HD95 (mm) per volume, false-positive slices.
-
-    Returns (summary, per-slice records, post-processed masks per volume) — the last two feed the figures.
-    """
+    """Test metrics at 240 x 240: per-volume Dice (mean, std, min), IoU and HD95 (mm), per-slice Dice and IoU on
+    tumour slices, false-positive slices. Returns (summary, per-slice rows, post-processed masks per volume)."""
     per_volume, slice_dice, slice_iou, fp, empty, records, masks = [], [], [], 0, 0, [], {}
     for vid, p in probs.items():
         meta, truth = cache.volume(vid), torch.from_numpy(cache.full_masks(vid).astype(bool))
-        pred = torch.from_numpy(postprocess(p.astype(np.float32), **post))
+        pred = torch.from_numpy(inference.postprocess(p.astype(np.float32), **post))
         masks[vid] = pred.numpy()
-        d, j = metrics.dice_score(pred, truth), metrics.iou_score(pred, truth)
-        slice_dice += d.tolist()
-        slice_iou += j.tolist()
+        dice, iou = metrics.dice_score(pred, truth), metrics.iou_score(pred, truth)
+        slice_dice += dice.tolist()
+        slice_iou += iou.tolist()
         fp += metrics.false_positive_slices(pred, truth)
         empty += int((truth.flatten(1).sum(1) == 0).sum())
-        full_pred = np.zeros((meta["depth"], data.RAW_SIZE, data.RAW_SIZE), bool)
+        full_pred = np.zeros((meta["depth"], data.RAW_SIZE, data.RAW_SIZE), bool)  # dropped slices: no brain
         full_true = np.zeros_like(full_pred)
         full_pred[meta["slices"]], full_true[meta["slices"]] = pred.numpy(), truth.numpy()
-        vd = metrics.dice_score(torch.from_numpy(full_pred)[None], torch.from_numpy(full_true)[None]).item()
-        vi = metrics.iou_score(torch.from_numpy(full_pred)[None], torch.from_numpy(full_true)[None]).item()
-        # volumes are stacked (z, x, y): spacing follows
-        sp = meta["spacing"]
-        h = metrics.hd95(full_pred, full_true, spacing=(sp[2], sp[0], sp[1]))
-        per_volume.append({"id": vid, "dice": vd, "iou": vi, "hd95_mm": h, "tumour_voxels": int(full_true.sum())})
-        records += [{"volume": vid, "slice": s, "dice": dd} for s, dd in zip(meta["slices"], d.tolist())]
+        x_mm, y_mm, z_mm = meta["spacing"]  # slices are stacked (z, x, y)
+        per_volume.append({"id": vid, "dice": metrics.dice_score(pred[None], truth[None]).item(),
+                           "iou": metrics.iou_score(pred[None], truth[None]).item(),
+                           "hd95_mm": metrics.hd95(full_pred, full_true, spacing=(z_mm, x_mm, y_mm)),
+                           "tumour_voxels": int(full_true.sum())})
+        records += [{"volume": vid, "slice": z, "dice": d} for z, d in zip(meta["slices"], dice.tolist())]
     vols = [v["dice"] for v in per_volume]
     summary = {
         "volumes": len(per_volume),
@@ -309,290 +402,78 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
     return summary, records, masks
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Figures
+def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[dict]) -> tuple[list[dict], dict]:
+    """Choose the post-processing on the validation patients (saved into best.pt), then evaluate the test patients
+    once; writes metrics.json. Returns the per-slice rows and masks of the test patients for the figures."""
+    predictor = inference.Predictor.from_checkpoints([run.out / "best.pt"], run.device, 2 * cfg.batch_size,
+                                                     speed=dataclasses.replace(run.speed, compile=False))
+    val_truth = {v: cache.full_masks(v) for v in split["val"]}
+    post, val_best = inference.choose_postprocessing(volume_probs(predictor, cache, split["val"]), val_truth)
+    ckpt = torch.load(run.out / "best.pt", map_location="cpu", weights_only=True)
+    inference.save_checkpoint({**ckpt, **post}, run.out / "best.pt")
+    summary, records, masks = evaluate(volume_probs(predictor, cache, split["test"]), cache, post)
+    kept = ckpt["epoch"]
+    result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "best_epoch": kept,
+              "epochs_run": len(log), "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)],
+              "size": cfg.size, "folds": cfg.folds, "fold": cfg.fold, "split": split}
+    with data.atomic_path(run.out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
+    print(f"test ({summary['volumes']} unseen patients, 240x240): volume Dice {summary['volume_dice']:.4f} ± "
+          f"{summary['volume_dice_std']:.4f} (min {summary['volume_dice_min']:.4f}), IoU {summary['volume_iou']:.4f}, "
+          f"HD95 {summary['hd95_mm']:.2f} mm; slice Dice {summary['slice_dice']:.4f} on {summary['tumour_slices']} "
+          f"tumour slices; {summary['false_positive_slices']} of {summary['empty_slices']} empty slices with false "
+          f"positives ({post}, model of epoch {kept})")
+    return records, masks
 
 
-def plot_curves(log: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    ep = [r["epoch"] for r in log]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key, title in zip(axes, ("loss", "dice", "iou"), ("Dice + BCE loss", "Dice", "IoU")):
-        ax.plot(ep, [r[f"train_{key}"] for r in log], "o-", label="train (pooled over batches, augmented)")
-        ax.plot(ep, [r[f"val_{key}"] for r in log], "s-", label="validation (per volume, threshold 0.5)" if key != "loss" else "validation")
-        ax.set_title(title), ax.set_xlabel("epoch"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    best = max(log, key=lambda r: r["val_dice"])
-    axes[1].axvline(best["epoch"], color="gray", ls="--", lw=1)
-    lr_ax = axes[0].twinx()
-    lr_ax.plot(ep, [r["lr"] for r in log], color="gray", alpha=0.5, lw=1)
-    lr_ax.set_ylabel("learning rate", color="gray")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """RGB picture of a slice with true positives green, false positives red, false negatives blue."""
-    brain = image != 0
-    lo, hi = np.percentile(image[brain], (1, 99)) if brain.any() else (0.0, 1.0)
-    g = np.where(brain, np.clip((image - lo) / (hi - lo + 1e-6), 0, 1), 0)
-    rgb = np.stack([g, g, g], -1)
-    for mask, colour in ((pred & truth, (0, 1, 0)), (pred & ~truth, (1, 0, 0)), (~pred & truth, (0, 0.4, 1))):
-        rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.array(colour)
-    return rgb
-
-
-def plot_slices(items: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    cols = min(4, max(1, len(items)))
-    rows = max(1, math.ceil(len(items) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.8 * rows + 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, it in zip(axes.flat, items):
-        ax.imshow(overlay(it["image"].T, it["pred"].T, it["truth"].T))  # rows = y: the radiological view
-        d = it["dice"]
-        ax.set_title(f"{it['volume']} z={it['slice']}\nDice {d:.3f}" if not math.isnan(d) else
-                     f"{it['volume']} z={it['slice']}\nno tumour", fontsize=8)
-    fig.legend(handles=[Patch(color=(0, 1, 0), label="true positive"), Patch(color=(1, 0, 0), label="false positive"),
-                        Patch(color=(0, 0.4, 1), label="false negative")], loc="lower center", ncol=3, fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
-    plt.close(fig)
-
-
-def slice_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
-    """Image (FLAIR, or the one channel trained on), prediction and truth at 240 x 240 for chosen slices."""
-    import cv2
-
+def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
+    """FLAIR, prediction and truth at 240 x 240 of chosen slices, for figures.plot_slices."""
     items = []
     for r in picks:
         meta = cache.volume(r["volume"])
         k = meta["slices"].index(r["slice"])
-        img = cache.images(r["volume"], mmap=True)[k, data.FLAIR].astype(np.float32)
-        img = cv2.resize(img, (data.RAW_SIZE, data.RAW_SIZE), interpolation=cv2.INTER_LINEAR)
-        items.append({**r, "image": img, "pred": masks[r["volume"]][k], "truth": cache.full_masks(r["volume"])[k].astype(bool)})
+        flair = torch.from_numpy(cache.images(r["volume"], mmap=True)[k:k + 1, data.FLAIR].astype(np.float32))
+        items.append({**r, "image": data.uncrop(flair, meta["box"])[0].numpy(), "pred": masks[r["volume"]][k],
+                      "truth": cache.full_masks(r["volume"])[k].astype(bool)})
     return items
+
+
+def make_figures(run: Run, cache: data.Cache, log: list[dict], records: list[dict], masks: dict) -> None:
+    figures.plot_curves(log, run.out / "curves.png")
+    area = {(r["volume"], r["slice"]): int(cache.full_masks(r["volume"])[cache.volume(r["volume"])["slices"].index(r["slice"])].sum())
+            for r in records}
+    figures.plot_slices(figure_items(figures.pick_overview(records, area), cache, masks), run.out / "overlays.png",
+                        "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
+    figures.plot_slices(figure_items(figures.pick_worst(records), cache, masks), run.out / "failures.png",
+                        "Worst test slices by Dice")
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 
 def main(cfg: TrainConfig) -> None:
-    # --- distributed set-up: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is rank 0 of 1
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = resolve_device(cfg.device)
-    if ddp:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    torch.manual_seed(cfg.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = amp_dtype(cfg.amp, device)
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    out = Path(cfg.out)
-    if master:
-        print(json.dumps(asdict(cfg)))
-
-    # --- data: the cache is built once (by rank 0), split by patient, and the training set moved to the device
-    if master:
-        cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir)
-    if ddp:
-        dist.barrier()
-    if not master:
-        cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir)
-    split = data.split_volumes(cache.volume_ids, cfg.seed)
-    channels = channel_list(cfg.channel)
-    if master:  # the run folder is written only once the data is known to be good
-        out.mkdir(parents=True, exist_ok=True)
-        data.atomic_write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))
-        data.atomic_write_text(out / "split.json", json.dumps(split, indent=2))
-        print(f"data: {len(cache.volume_ids)} volumes, {cache.meta['kept']} slices with brain "
-              f"({cache.meta['dropped']} without brain dropped); split by patient {len(split['train'])}/"
-              f"{len(split['val'])}/{len(split['test'])} volumes; channels {[data.CHANNELS[c] for c in channels]}")
-    val_set = data.load_slices(cache, split["val"], channels, device)
-    if cfg.resident:
-        train_set = data.load_slices(cache, split["train"], channels, device)
-        n_train = len(train_set)
-    else:
-        disk_set = data.DiskSlices(cache, split["train"], channels)
-        n_train = len(disk_set)
-    if n_train == 0 or len(val_set) == 0:
-        raise data.DataError("no slices with brain in the training or validation volumes")
-    batch_size = min(cfg.batch_size, n_train)
-    if cfg.resident:
-        batches_per_epoch = max(1, n_train // (batch_size * world))
-    else:
-        sampler = torch.utils.data.DistributedSampler(disk_set, seed=cfg.seed) if ddp else None
-        loader = torch.utils.data.DataLoader(
-            disk_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-            num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
-        batches_per_epoch = len(loader)
-
-    # --- model, optimiser, schedule
-    model = build_model(cfg).to(device)
-    if channels_last:
+    run = set_up(cfg)
+    cache, split, batches, val_set = load_data(cfg, run)
+    model = build_model(cfg).to(run.device)
+    if run.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if master:
-        print(f"model: {model.cfg}, {count_parameters(model) / 1e6:.2f} M parameters; device {device}, amp {dtype}, "
-              f"channels_last {channels_last}, compile {use_compile}, world {world}")
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    total_steps = cfg.epochs * batches_per_epoch
-    optimizer, scheduler = make_optimizer(model, cfg, device, total_steps, max(1, int(cfg.warmup * batches_per_epoch)))
-    step = make_train_step(train_model, optimizer, scheduler, cfg, device, dtype, channels_last, use_compile)
-    eval_model = torch.compile(model) if use_compile else model
-    # the same shuffling seed on every rank (each takes its own share of the permutation), its own augmentations
-    generator = torch.Generator(device=train_set.images.device).manual_seed(cfg.seed * 1000) if cfg.resident else None
-    aug_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
-
-    def batches():
-        if cfg.resident:
-            stream = data.iterate_batches(train_set, batch_size, generator, device, rank=rank, world=world)
-            for _, b in zip(range(batches_per_epoch), stream):
-                yield b
-        else:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            for x, y in loader:
-                yield x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).unsqueeze(1).float()
-
-    # --- training loop
-    log, best_dice, best_epoch, stale = [], -1.0, 0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        train_model.train()
-        t0 = time.perf_counter()
-        sums = torch.zeros(5, device=device)  # loss, intersection, predicted, true, batches
-        bar = tqdm(total=batches_per_epoch * batch_size * world, desc=f"epoch {epoch}/{cfg.epochs}", unit="slice",
-                   disable=None if master else True, dynamic_ncols=True)  # None: only on a terminal
-        for x, y in batches():
-            if cfg.augment:
-                x, y = data.augment(x, y, aug_generator, affine=cfg.affine, intensity=cfg.intensity)
-            loss, logits = step(x, y)
-            pred = logits > 0
-            sums += torch.stack([loss.detach().float(), (pred & (y > 0.5)).sum().float(), pred.sum().float(),
-                                 (y > 0.5).sum().float(), torch.ones((), device=device)])
-            bar.update(x.shape[0] * world)
-        if ddp:
-            dist.all_reduce(sums)
-        train_loss, inter, psum, tsum, nb = sums.tolist()  # the one host synchronisation of the epoch
-        seconds = time.perf_counter() - t0
-
-        # validation: every rank computes it (it is small and resident) so all agree on early stopping
-        with torch.inference_mode():
-            logits = predict_logits(eval_model, val_set.images, device, 2 * batch_size, dtype, channels_last)
-            y = val_set.masks.to(device).float().unsqueeze(1)
-            val_loss = dice_bce_loss(logits.unsqueeze(1), y, mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
-                                     dice_weight=cfg.dice_weight, backend="torch").item()
-            pred, truth = logits.unsqueeze(1) > 0, y > 0.5
-            vol = val_set.volume.to(device)
-            nv = len(val_set.volume_ids)
-            v_inter = torch.zeros(nv, device=device).index_add_(0, vol, (pred & truth).flatten(1).sum(1).float())
-            v_pred = torch.zeros(nv, device=device).index_add_(0, vol, pred.flatten(1).sum(1).float())
-            v_true = torch.zeros(nv, device=device).index_add_(0, vol, truth.flatten(1).sum(1).float())
-            val_dice = metrics.nanmean(torch.where(v_true > 0, 2 * v_inter / (v_pred + v_true).clamp_min(1), math.nan).tolist())
-            val_iou = metrics.nanmean(torch.where(v_true > 0, v_inter / (v_pred + v_true - v_inter).clamp_min(1), math.nan).tolist())
-        if ddp:  # BatchNorm statistics differ per rank: rank 0's validation decides, so all ranks stop together
-            agreed = torch.tensor([val_loss, val_dice, val_iou], dtype=torch.float64, device=device)
-            dist.broadcast(agreed, 0)
-            val_loss, val_dice, val_iou = agreed.tolist()
-        record = {"epoch": epoch, "train_loss": train_loss / nb, "train_dice": 2 * inter / max(psum + tsum, 1),
-                  "train_iou": inter / max(psum + tsum - inter, 1), "val_loss": val_loss, "val_dice": val_dice,
-                  "val_iou": val_iou, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                  "slices_per_s": nb * batch_size / seconds}
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_dice=f"{val_dice:.3f}", slices_s=f"{record['slices_per_s']:.0f}")
-        bar.close()
-        if bar.disable and master:  # no terminal: one plain line per epoch instead of the bar
-            print(f"epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f}, val loss {val_loss:.4f}, val Dice "
-                  f"{val_dice:.4f}, val IoU {val_iou:.4f}, {record['slices_per_s']:.0f} slices/s", flush=True)
-        improved = val_dice > best_dice
-        if improved:
-            best_dice, best_epoch, stale = val_dice, epoch, 0
-        else:
-            stale += 1
-        if master:
-            log.append(record)
-            with open(out / "log.jsonl", "a" if epoch > 1 else "w") as f:
-                f.write(json.dumps(record) + "\n")
-            if improved:
-                save_atomic({"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
-                             "channels": channels, "size": cfg.size, "epoch": epoch, "val_dice": val_dice,
-                             "threshold": 0.5, "min_component": 0, "largest_3d": False}, out / "best.pt")
-        if stale >= cfg.patience:
-            if master:
-                print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best_dice:.4f} at epoch {best_epoch})")
-            break
-    if ddp:
+    if run.master:
+        print(f"model: {model.cfg}, {count_parameters(model) / 1e6:.2f} M parameters; device {run.device}, "
+              f"{run.speed}; world {run.world}; {len(batches)} batches of {batches.batch_size} per epoch")
+    log = fit(cfg, run, model, batches, val_set)
+    if run.ddp:
         dist.destroy_process_group()
-    if not master:
+    if not run.master:
         return
-
-    # --- post-processing chosen on validation, then one look at the test patients, all at 240 x 240
-    model, ckpt = load_checkpoint(out / "best.pt", device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    val_probs = volume_probs(model, cache, split["val"], channels, device, 2 * batch_size, dtype, channels_last)
-    val_truth = {v: cache.full_masks(v) for v in split["val"]}
-    post, val_best = choose_postprocessing(val_probs, val_truth)
-    ckpt.update(post)
-    save_atomic(ckpt, out / "best.pt")
-    test_probs = volume_probs(model, cache, split["test"], channels, device, 2 * batch_size, dtype, channels_last)
-    test, records, test_masks = evaluate(test_probs, cache, post)
-    result = {"test": test, **post,
-              "val_volume_dice_at_choice": val_best, "best_epoch": best_epoch, "epochs_run": len(log),
-              "data": cfg.data, "channels": [data.CHANNELS[c] for c in channels], "size": cfg.size}
-    data.atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    print(f"test ({test['volumes']} unseen patients, 240x240): volume Dice {test['volume_dice']:.4f} "
-          f"± {test['volume_dice_std']:.4f}, IoU {test['volume_iou']:.4f}, HD95 {test['hd95_mm']:.2f} mm; slice Dice "
-          f"{test['slice_dice']:.4f} on {test['tumour_slices']} tumour slices; {test['false_positive_slices']} of "
-          f"{test['empty_slices']} empty slices with false positives ({post})")
-
-    # --- figures
-    plot_curves(log, out / "curves.png")
-    tumour = [r for r in records if not math.isnan(r["dice"])]
-    largest = {}  # per test volume, the slice with the most tumour
-    for r in tumour:
-        k = cache.volume(r["volume"])["slices"].index(r["slice"])
-        area = int(cache.full_masks(r["volume"])[k].sum())
-        if area > largest.get(r["volume"], (None, -1))[1]:
-            largest[r["volume"]] = (r, area)
-    picks = [r for r, _ in largest.values()][:8]
-    if len(picks) < 8:  # fill with evenly spaced tumour slices
-        rest = [r for r in tumour if r not in picks]
-        picks += rest[:: max(1, len(rest) // (8 - len(picks)))][: 8 - len(picks)]
-    plot_slices(slice_items(picks, cache, test_masks), out / "overlays.png",
-                "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
-    worst = sorted(tumour, key=lambda r: r["dice"])[:8]
-    plot_slices(slice_items(worst, cache, test_masks), out / "failures.png",
-                "Worst test slices by Dice")
-    print(f"wrote {out}/: config.json split.json log.jsonl best.pt metrics.json curves.png overlays.png failures.png")
+    records, masks = test(cfg, run, cache, split, log)
+    make_figures(run, cache, log, records, masks)
+    print(f"wrote {run.out}/: config.json split.json log.jsonl best.pt metrics.json curves.png overlays.png failures.png")
 
 
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(parse_args(argv))
-    except data.DataError as e:
+    except data.UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -52,7 +52,7 @@ def main() -> None:
         cache = work / f"measured-{v}"
         shutil.rmtree(cache, ignore_errors=True)
         (cache).mkdir(parents=True)
-        (cache / f"synthetic-v{data.CACHE_VERSION}-{v}x{args.slices}").symlink_to(work / f"synthetic-v{data.CACHE_VERSION}-{v}x{args.slices}")
+        (cache / f"synthetic-v{data.SYNTHETIC_VERSION}-{v}x{args.slices}").symlink_to(work / f"synthetic-v{data.SYNTHETIC_VERSION}-{v}x{args.slices}")
         out = subprocess.run([sys.executable, "-c", CHILD.format(repo=repo, spec=spec, size=args.size, cache=str(cache))],
                              capture_output=True, text=True, check=True).stdout.split()
         seconds, kept, rss_kib = float(out[0]), int(out[1]), int(out[2])

@@ -63,8 +63,8 @@ def test_preprocess_drops_slices_without_brain_and_resizes():
     image = np.zeros((5, 240, 240, 4), np.float32)
     image[2:4, 100:140, 90:150] = 5.0
     image[2:4, 110:120, 100:110] = 9.0
-    keep, out = data.preprocess_volume(image, 48)
-    assert keep.tolist() == [2, 3]
+    keep, out, box = data.preprocess_volume(image, 48, crop_to_brain=False)
+    assert keep.tolist() == [2, 3] and box == (0, 0, 240)
     assert out.shape == (2, 4, 48, 48) and out.dtype == np.float16
 
 
@@ -82,13 +82,13 @@ def test_split_is_by_patient_seeded_and_70_15_15():
 
 
 def test_synthetic_goes_through_the_h5_layout_and_the_cache_round_trips(tmp_path):
-    cache = data.prepare("synthetic:3x8", 32, tmp_path)
+    cache = data.prepare("synthetic:3x8", 32, tmp_path, crop_to_brain=False)
     h5 = sorted((tmp_path / "synthetic-v1-3x8" / "BraTS2020_training_data" / "content" / "data").glob("*.h5"))
     assert len(h5) == 24
     assert cache.volume_ids == ["1", "2", "3"]
     # the cache holds exactly what preprocessing gives on the raw volume
     image, label = data.read_h5_volume(data.list_h5(tmp_path / "synthetic-v1-3x8")["2"])
-    keep, images = data.preprocess_volume(image, 32)
+    keep, images, box = data.preprocess_volume(image, 32, crop_to_brain=False)
     meta = cache.volume("2")
     assert meta["slices"] == keep.tolist() and meta["depth"] == 8 and meta["dropped"] == 8 - len(keep)
     np.testing.assert_array_equal(cache.images("2"), images)
@@ -119,13 +119,12 @@ def test_cache_is_reused_and_keyed_by_size(tmp_path, monkeypatch):
 def test_load_slices_and_batches(tmp_path):
     cache = data.prepare("synthetic:3x6", 16, tmp_path)
     ids = cache.volume_ids
-    s = data.load_slices(cache, ids, [0], "cpu")
+    s = data.load_slices(cache, ids, [0], device="cpu")
     n = sum(len(cache.volume(v)["slices"]) for v in ids)
     assert s.images.shape == (n, 1, 16, 16) and s.images.dtype == torch.float16 and s.masks.shape == (n, 16, 16)
     assert s.volume.tolist() == sum(([i] * len(cache.volume(v)["slices"]) for i, v in enumerate(ids)), [])
     np.testing.assert_array_equal(s.images[:, 0].numpy(), np.concatenate([cache.images(v)[:, 0] for v in ids]))
-    g = torch.Generator().manual_seed(0)
-    batches = list(data.iterate_batches(s, 4, g, torch.device("cpu")))
+    batches = list(data.TrainBatches(cache, ids, [0], "cpu", 4).epoch(1))
     assert len(batches) == n // 4 and all(x.shape == (4, 1, 16, 16) and y.shape == (4, 1, 16, 16) for x, y in batches)
 
 
@@ -133,12 +132,12 @@ def test_augment_moves_image_and_mask_together():
     g = torch.Generator().manual_seed(1)
     y = (torch.rand(16, 1, 24, 24, generator=g) > 0.7).float()
     x = torch.cat([y * 3.0, y * 3.0], 1)  # image is a copy of the mask: geometry must stay aligned
-    xa, ya = data.augment(x, y, g)
+    xa, ya = data.augment(x, y.to(torch.uint8), g)
     assert ((xa[:, :1] != 0) == (ya > 0.5)).all()
-    assert not torch.equal(ya, y)  # something moved
-    assert set(torch.unique(ya).tolist()) <= {0.0, 1.0}
-    xb, yb = data.augment(x, y, g, affine=True)
-    assert xb.shape == x.shape and set(torch.unique(yb).tolist()) <= {0.0, 1.0}
+    assert not torch.equal(ya, y.to(torch.uint8))  # something moved
+    assert ya.dtype == torch.uint8 and set(torch.unique(ya).tolist()) <= {0, 1}
+    xb, yb = data.augment(x, y.to(torch.uint8), g, affine=True)
+    assert xb.shape == x.shape and set(torch.unique(yb).tolist()) <= {0, 1}
 
 
 @pytest.mark.parametrize("spec,message", [

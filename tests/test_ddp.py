@@ -20,27 +20,29 @@ DATA, SIZE, BATCH, WORLD = "synthetic:3x8", 32, 2, 2
 TIMEOUT_S = 180
 
 # Runs train.py unchanged as __main__ (runpy) and records, per rank, the training-set indices of every batch the
-# training loop steps on: data.augment sees each batch the loop uses (train.py calls `data.augment` and
-# `data.iterate_batches` through the module, so patching its attributes is enough; iterate_batches is wrapped only
-# to learn the training set's images). Written at exit to $RECORD_DIR/rank<R>.json.
+# training loop steps on: data.augment sees each batch the loop uses (data.TrainBatches calls the module's
+# `augment`, so patching the attribute is enough; load_slices is wrapped only to learn the training set's images,
+# the first set it loads). Written at exit to $RECORD_DIR/rank<R>.json.
 RECORDER = r'''
 import atexit, json, os, runpy, sys
 repo = os.environ["REPO"]
 sys.path.insert(0, repo)
 import data
 record, train_images = [], []
-original_iterate, original_augment = data.iterate_batches, data.augment
+original_load, original_augment = data.load_slices, data.augment
 
-def iterate_batches(slices, *args, **kwargs):
-    train_images[:] = [slices.images.float().flatten(1)]
-    return original_iterate(slices, *args, **kwargs)
+def load_slices(*args, **kwargs):
+    slices = original_load(*args, **kwargs)
+    if not train_images:
+        train_images[:] = [slices.images.float().flatten(1)]
+    return slices
 
 def augment(x, y, *args, **kwargs):
     images = train_images[0]
     record.append([int((images == xi.flatten().to(images.device)).all(1).nonzero()[0, 0]) for xi in x])
     return original_augment(x, y, *args, **kwargs)
 
-data.iterate_batches, data.augment = iterate_batches, augment
+data.load_slices, data.augment = load_slices, augment
 rank = os.environ.get("RANK", "0")
 atexit.register(lambda: open(os.path.join(os.environ["RECORD_DIR"], f"rank{rank}.json"), "w").write(json.dumps(record)))
 sys.argv = [os.path.join(repo, "train.py")] + sys.argv[1:]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import inference
 import predict
 import train
 
@@ -99,17 +100,18 @@ def test_mask_orientation_and_metrics_with_an_oracle(ckpt, sample, tmp_path, mon
     kept = {}
     preprocess = data.preprocess_volume
 
-    def spy_preprocess(image, size):
-        kept["slices"], images = preprocess(image, size)
-        return kept["slices"], images
+    def spy_preprocess(image, size, crop_to_brain=True):
+        kept["slices"], images, kept["box"] = preprocess(image, size, crop_to_brain)
+        return kept["slices"], images, kept["box"]
 
-    def oracle_logits(model, images, device, batch_size, dtype, channels_last, out_size=None):
-        assert images.shape[0] == len(kept["slices"]) and images.shape[1:] == (4, 32, 32) and out_size == 240
+    def oracle_logits(model, images, context, device, batch_size, speed):
+        assert images.shape == (len(kept["slices"]), 4, 32, 32) and context.shape == (len(kept["slices"]), 1)
         label = torch.from_numpy(truth.transpose(2, 0, 1)[kept["slices"]])  # (z, x, y) kept slices
-        return torch.where(label, 20.0, -20.0)
+        x0, y0, side = kept["box"]  # logits of the brain's box at full resolution: data.uncrop pastes them as they are
+        return torch.where(label[:, x0:x0 + side, y0:y0 + side], 20.0, -20.0)
 
     monkeypatch.setattr(data, "preprocess_volume", spy_preprocess)
-    monkeypatch.setattr(train, "predict_logits", oracle_logits)
+    monkeypatch.setattr(inference, "predict_logits", oracle_logits)
     out = tmp_path / "out"
     rc = predict.cli(["--ckpt", str(oracle_ckpt), "--out", str(out), "--device", "cpu", str(sample / GOOD)])
     captured = capsys.readouterr()
@@ -122,12 +124,12 @@ def test_mask_orientation_and_metrics_with_an_oracle(ckpt, sample, tmp_path, mon
 def test_checkpoint_round_trips(ckpt):
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert {"threshold", "min_component", "channels", "size", "config", "model", "unet"} <= raw.keys()
-    assert raw["threshold"] in train.THRESHOLDS and raw["min_component"] in train.MIN_COMPONENTS
+    assert raw["threshold"] in inference.THRESHOLDS and raw["min_component"] in inference.MIN_COMPONENTS
     assert raw["size"] == 32 and raw["channels"] == [0, 1, 2, 3]
     reference = train.build_model(train.TrainConfig(**raw["config"]))
     reference.load_state_dict(raw["model"])
     reference.eval()
-    model, loaded = train.load_checkpoint(ckpt, torch.device("cpu"))
+    model, loaded = inference.load_checkpoint(ckpt, torch.device("cpu"))
     assert not model.training and loaded["threshold"] == raw["threshold"]
     x = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import inference
 import train
 from conftest import ROOT, write_h5_slices
 
@@ -35,7 +36,7 @@ def check_run(out, epochs_max: int) -> dict:
     test = result["test"]
     assert test["volumes"] == len(split["test"]) == len(test["per_volume"])
     assert 0 <= test["volume_dice"] <= 1 and 0 <= test["volume_iou"] <= test["volume_dice"] + 1e-9
-    assert result["threshold"] in train.THRESHOLDS and result["min_component"] in train.MIN_COMPONENTS
+    assert result["threshold"] in inference.THRESHOLDS and result["min_component"] in inference.MIN_COMPONENTS
     return result
 
 

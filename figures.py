@@ -1,0 +1,157 @@
+"""Pictures of a run and of a prediction: training curves, colour-coded overlays of prediction on the scan (true
+positives green, false positives red, false negatives blue), the worst slices, and predict.py's outline montages.
+
+Slices are (x, y) arrays, shown as radiologists view BraTS: rows = y, columns = x (hence the transposes).
+Every file is written through a temporary name (data.atomic_path).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+import data
+
+TP_COLOUR, FP_COLOUR, FN_COLOUR = (0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.4, 1.0)
+OVERLAY_ALPHA = 0.55  # weight of the colour over the grey scan
+PRED_OUTLINE, TRUE_OUTLINE = "red", "lime"
+MAX_MONTAGE_SLICES = 16
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no screen needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    with data.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip("."))
+    pyplot().close(fig)
+
+
+def plot_curves(log: list[dict], path: Path) -> None:
+    """Loss, Dice and IoU per epoch, train and validation, the learning rate, and the epoch kept (dashed)."""
+    import matplotlib.ticker
+
+    plt = pyplot()
+    epochs = [r["epoch"] for r in log]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(axes, ("loss", "dice", "iou"), ("Dice + BCE loss", "Dice", "IoU")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in log], "o-", label="train (pooled over batches, augmented)")
+        ax.plot(epochs, [r[f"val_{key}"] for r in log], "s-",
+                label="validation (per volume, threshold 0.5)" if key != "loss" else "validation")
+        ax.set_title(title), ax.set_xlabel("epoch"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    best = max(log, key=lambda r: r["val_dice"])
+    axes[1].axvline(best["epoch"], color="gray", ls="--", lw=1)
+    lr_ax = axes[0].twinx()
+    lr_ax.plot(epochs, [r["lr"] for r in log], color="gray", alpha=0.5, lw=1)
+    lr_ax.set_ylabel("learning rate", color="gray")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) in [0, 1] of a slice: grey scan (background black), true positives green, false positives
+    red, false negatives blue, each blended as (1 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * colour."""
+    brain = image != 0
+    lo, hi = np.percentile(image[brain], (1, 99)) if brain.any() else (0.0, 1.0)
+    grey = np.where(brain, np.clip((image - lo) / (hi - lo + 1e-6), 0, 1), 0)
+    rgb = np.stack([grey, grey, grey], -1)
+    for mask, colour in ((pred & truth, TP_COLOUR), (pred & ~truth, FP_COLOUR), (~pred & truth, FN_COLOUR)):
+        rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)
+    return rgb
+
+
+def plot_slices(items: list[dict], path: Path, title: str) -> None:
+    """A grid of overlays; each item has image, pred, truth (240 x 240), volume, slice and dice."""
+    from matplotlib.patches import Patch
+
+    plt = pyplot()
+    cols = min(4, max(1, len(items)))
+    rows = max(1, math.ceil(len(items) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.8 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, it in zip(axes.flat, items):
+        ax.imshow(overlay(it["image"].T, it["pred"].T, it["truth"].T))
+        head = f"{it['volume']} z={it['slice']}"
+        ax.set_title(f"{head}\nDice {it['dice']:.3f}" if not math.isnan(it["dice"]) else f"{head}\nno tumour", fontsize=8)
+    fig.legend(handles=[Patch(color=TP_COLOUR, label="true positive"), Patch(color=FP_COLOUR, label="false positive"),
+                        Patch(color=FN_COLOUR, label="false negative")], loc="lower center", ncol=3, fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_figure(fig, path)
+
+
+def pick_overview(records: list[dict], tumour_area: dict[tuple[str, int], int], n: int = 8) -> list[dict]:
+    """Slices for the overview: the largest tumour slice of each volume first, then evenly spaced tumour slices.
+    records: per-slice rows (volume, slice, dice), NaN Dice where there is no tumour; tumour_area by (volume, slice)."""
+    tumour = [r for r in records if not math.isnan(r["dice"])]
+    largest: dict[str, dict] = {}
+    for r in tumour:
+        if r["volume"] not in largest or tumour_area[r["volume"], r["slice"]] > \
+                tumour_area[r["volume"], largest[r["volume"]]["slice"]]:
+            largest[r["volume"]] = r
+    picks = list(largest.values())[:n]
+    rest = [r for r in tumour if r not in picks]
+    if len(picks) < n and rest:
+        picks += rest[:: max(1, len(rest) // (n - len(picks)))][: n - len(picks)]
+    return picks
+
+
+def pick_worst(records: list[dict], n: int = 8) -> list[dict]:
+    """The n tumour slices with the lowest Dice."""
+    return sorted((r for r in records if not math.isnan(r["dice"])), key=lambda r: r["dice"])[:n]
+
+
+def montage_slices(pred: np.ndarray, truth: np.ndarray | None) -> list[int]:
+    """Up to MAX_MONTAGE_SLICES evenly spaced slices (z) that hold predicted or labelled tumour."""
+    bearing = pred.any((1, 2)) | (truth.any((1, 2)) if truth is not None else False)
+    z = np.flatnonzero(bearing)
+    if len(z) > MAX_MONTAGE_SLICES:
+        z = z[np.unique(np.linspace(0, len(z) - 1, MAX_MONTAGE_SLICES).round().astype(int))]
+    return z.tolist()
+
+
+def draw_outline(ax, mask: np.ndarray, colour: str) -> None:
+    """Draw the outlines (outer and holes) of a 2D boolean mask (rows, columns), also where it touches the border."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    for c in contours:
+        pts = np.concatenate([c[:, 0], c[:1, 0]]).astype(np.float32)  # closed (x = column, y = row)
+        ax.plot(pts[:, 0], pts[:, 1], color=colour, linewidth=0.9)
+
+
+def write_montage(flair: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, path: Path, title: str) -> None:
+    """PNG of FLAIR slices (z, x, y) with the predicted outline in red (and the label's in lime); with no tumour
+    anywhere, the middle slice."""
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
+    zs = montage_slices(pred, truth) or [flair.shape[0] // 2]
+    brain = flair > flair.min()
+    lo, hi = np.percentile(flair[brain], (1, 99)) if brain.any() else (0.0, 1.0)
+    cols = min(4, len(zs))
+    rows = math.ceil(len(zs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.9 * rows + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, z in zip(axes.flat, zs):
+        ax.imshow(flair[z].T, cmap="gray", vmin=lo, vmax=hi + 1e-6, interpolation="nearest")
+        for mask, colour in ((truth, TRUE_OUTLINE), (pred, PRED_OUTLINE)):
+            if mask is not None:
+                draw_outline(ax, mask[z].T, colour)
+        ax.set_title(f"z={z}", fontsize=8)
+    handles = [Line2D([], [], color=PRED_OUTLINE, label="prediction")]
+    if truth is not None:
+        handles.append(Line2D([], [], color=TRUE_OUTLINE, label="label (whole tumour)"))
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_figure(fig, path)
