@@ -36,11 +36,12 @@ H5_NAME = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
 DEFAULT_SYNTHETIC = (12, 40)  # volumes x slices of `--data synthetic`
 
 
-class UsageError(Exception):
-    """Bad input from the user (a flag, a file, a checkpoint): its message is the one line the user sees."""
+class UserError(Exception):
+    """A problem the user must act on (a bad flag, input file or checkpoint, a full disk): its message is the one
+    line they see, on stderr, with a non-zero exit and no traceback."""
 
 
-class DataError(UsageError):
+class DataError(UserError):
     """Bad or missing input data."""
 
 
@@ -596,13 +597,18 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
     return x.contiguous(), y.contiguous()
 
 
+def rng_seed(*parts: int) -> int:
+    """A 63-bit generator seed from integers (seed, epoch, ...): the same on every run and every machine."""
+    return hash(tuple(parts)) & (2**63 - 1)  # ints hash to themselves: no per-process hash randomisation
+
+
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """This rank's share of epoch `epoch`'s shuffled order of n slices (CPU, int64).
 
     The permutation depends only on (seed, epoch), so every rank draws the same one and takes every world-th
     slice from its rank on (ranks never share a slice in an epoch), and a resumed run replays the same epochs.
     """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(rng_seed(seed, epoch))
     return torch.randperm(n, generator=generator)[rank::world]
 
 
@@ -668,8 +674,7 @@ class TrainBatches:
             self.loader = torch.utils.data.DataLoader(
                 dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, num_workers=workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
-        self.shuffle_generator = torch.Generator(device=self.slices.images.device if resident else "cpu").manual_seed(seed * 1000)
-        self.aug_generator = torch.Generator(device=self.device).manual_seed(seed * 1000 + rank + 1)
+        self.aug_generator = torch.Generator(device=self.device)
 
     def __len__(self) -> int:
         """Batches per epoch on each rank (the same on every rank; the remainder of the permutation is dropped)."""
@@ -677,7 +682,7 @@ class TrainBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches start, start + 1, ... of epoch `epoch` (epochs count from 1)."""
-        order = torch.randperm(self.n, device=self.shuffle_generator.device, generator=self.shuffle_generator)[self.rank::self.world][:len(self) * self.batch_size]
+        order = epoch_order(self.n, self.seed, epoch, self.rank, self.world)[:len(self) * self.batch_size]
         order = order[start * self.batch_size:]
         if self.resident:
             order = order.to(self.slices.images.device)
@@ -692,5 +697,6 @@ class TrainBatches:
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             x, y = x.float(), y.unsqueeze(1)
             if self.augment:
+                self.aug_generator.manual_seed(rng_seed(self.seed, epoch, self.rank, b))
                 x, y = augment(x, y, self.aug_generator, self.affine, self.intensity)
             yield x, y

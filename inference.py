@@ -32,11 +32,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise data.UsageError(f"--device {name}: no CUDA device is available")
+        raise data.UserError(f"--device {name}: no CUDA device is available")
     try:
         return data.as_device(name)
     except RuntimeError as e:
-        raise data.UsageError(f"--device {name}: {e}") from None
+        raise data.UserError(f"--device {name}: {e}") from None
 
 
 def cpu_bf16_flags() -> list[str]:
@@ -95,13 +95,18 @@ def resolve_speed(device: torch.device, amp: str = "auto", channels_last: str = 
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
-    """torch.save through a temporary name: a failed write leaves the previous file as it was."""
-    with data.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save through a temporary name: a failed write (a full disk) leaves the previous file as it was."""
+    try:
+        with data.atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        first = (str(e).splitlines() or [""])[0]
+        raise data.UserError(f"could not write {path} ({type(e).__name__}: {first}); "
+                             f"the previous {Path(path).name}, if any, is intact") from None
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]:
-    """Model (eval mode, on device) and the checkpoint dict; a UsageError when it is missing, damaged or not a
+    """Model (eval mode, on device) and the checkpoint dict; a UserError when it is missing, damaged or not a
     train.py checkpoint."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -111,10 +116,10 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
         model = UNet(UNetConfig(**ckpt["unet"]))
         model.load_state_dict(ckpt["model"])
     except FileNotFoundError:
-        raise data.UsageError(f"checkpoint not found: {path}") from None
+        raise data.UserError(f"checkpoint not found: {path}") from None
     except Exception as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        raise data.UsageError(f"cannot load checkpoint {path}: {type(e).__name__}: {msg.splitlines()[0] if msg else ''}") from None
+        raise data.UserError(f"cannot load checkpoint {path}: {type(e).__name__}: {msg.splitlines()[0] if msg else ''}") from None
     return model.to(device).eval(), ckpt
 
 
@@ -171,7 +176,7 @@ class Predictor:
         ckpts = [c for _, c in loaded]
         prep = [(list(c["channels"]), c["context"], c["size"], c["crop"]) for c in ckpts]
         if any(p != prep[0] for p in prep):
-            raise data.UsageError(f"checkpoints disagree on channels/context/size/crop: {prep}: an ensemble needs one preprocessing")
+            raise data.UserError(f"checkpoints disagree on channels/context/size/crop: {prep}: an ensemble needs one preprocessing")
         config = ckpts[0].get("config", {})  # the run's own amp / channels_last settings, resolved for this device
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]

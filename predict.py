@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--largest-3d", default=None, choices=["on", "off"], help="override the checkpoint's largest-3D rule")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
-        raise data.UsageError(f"--batch-size must be positive, got {args.batch_size}")
+        raise data.UserError(f"--batch-size must be positive, got {args.batch_size}")
     return args
 
 
@@ -103,12 +103,12 @@ def predict_case(predictor: inference.Predictor, case_dir: Path, out: Path) -> l
 
 
 def main(args: argparse.Namespace) -> int:
-    """Predict every case; return the number of cases that failed (a bad checkpoint raises data.UsageError)."""
+    """Predict every case; return the number of cases that failed (a bad checkpoint raises data.UserError)."""
     predictor = load_predictor(args)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise data.UsageError(f"cannot create output folder {args.out}: {e.strerror or e}") from None
+        raise data.UserError(f"cannot create output folder {args.out}: {e.strerror or e}") from None
     failed, seen = 0, set()
     for case_dir in tqdm(args.cases, desc="predicting", unit="case", disable=None, dynamic_ncols=True):
         name = case_name(case_dir)
@@ -134,7 +134,7 @@ def cli(argv: list[str] | None = None) -> int:
         return 1 if main(args) else 0
     except SystemExit as e:  # argparse: usage errors (2) and --help (0)
         return e.code if isinstance(e.code, int) else 2
-    except data.UsageError as e:
+    except data.UserError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -94,35 +95,67 @@ class TrainConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     # run
     seed: int = option(0, "seeds the split, the model's initialisation, shuffling and augmentation")
-    out: str = option("runs/latest", "the run folder")
+    out: str = option("runs/latest", "the run folder; one that holds a run is refused unless --overwrite on")
+    resume: str | None = option(None, "continue the stopped run in this folder from its last.pt, with its own config",
+                                type=str)
+    overwrite: str = option("off", "start over in an --out that holds a run (its files are deleted first)", ON_OFF)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags from TrainConfig's fields, their help from each field's documentation; bad values are a UsageError."""
+RESUME_MAY_CHANGE = ("device", "workers", "cache_dir", "resume", "overwrite")  # the rest must match the run's
+
+
+def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """Flags from TrainConfig's fields, their help from each field's documentation. defaults=False: a flag not
+    given on the command line is absent from the result (to tell what the user asked for)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         meta = f.metadata
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=meta["help"], choices=meta["choices"],
-                       type=meta["type"] or type(f.default), metavar=None if meta["choices"] else f.name.upper())
-    cfg = TrainConfig(**vars(p.parse_args(argv)))
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default if defaults else argparse.SUPPRESS,
+                       help=meta["help"], choices=meta["choices"], type=meta["type"] or type(f.default),
+                       metavar=None if meta["choices"] else f.name.upper())
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The run's config; with --resume, the stopped run's own config. Bad values are a UserError."""
+    cfg = TrainConfig(**vars(make_parser().parse_args(argv)))
+    if cfg.resume:
+        cfg = resumed_config(Path(cfg.resume), vars(make_parser(defaults=False).parse_args(argv)))
     check_config(cfg)
     return cfg
 
 
+def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
+    """The config.json of the run in run_dir, with the flags given now that may change (RESUME_MAY_CHANGE); a
+    UserError for any other given flag that differs from the run's own."""
+    try:
+        stored = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise data.UserError(f"--resume {run_dir}: cannot read its config.json ({type(e).__name__}): not a run folder?") from None
+    given.setdefault("out", str(run_dir))
+    for key, value in given.items():
+        same = Path(value) == run_dir if key == "out" else stored.get(key) == value
+        if key not in RESUME_MAY_CHANGE and not same:
+            raise data.UserError(f"--{key.replace('_', '-')} {value} conflicts with the resumed run's own "
+                                 f"{stored.get(key) if key != 'out' else run_dir}: --resume continues a run with its config")
+    kept = {k: v for k, v in stored.items() if k in {f.name for f in fields(TrainConfig)}}
+    return TrainConfig(**{**kept, **{k: given[k] for k in RESUME_MAY_CHANGE if k in given}, "out": str(run_dir)})
+
+
 def check_config(cfg: TrainConfig) -> None:
-    """Raise a UsageError naming the first flag with a bad value."""
+    """Raise a UserError naming the first flag with a bad value."""
     for name in ("size", "epochs", "batch_size", "base", "depth"):
         if getattr(cfg, name) <= 0:
-            raise data.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay"):
         if getattr(cfg, name) < 0:
-            raise data.UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+            raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
-        raise data.UsageError(f"--lr must be positive, got {cfg.lr}")
+        raise data.UserError(f"--lr must be positive, got {cfg.lr}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
-        raise data.UsageError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
+        raise data.UserError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:
-        raise data.UsageError(f"--fold must be in 0..{cfg.folds - 1} with --folds {cfg.folds}, got {cfg.fold}")
+        raise data.UserError(f"--fold must be in 0..{cfg.folds - 1} with --folds {cfg.folds}, got {cfg.fold}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -162,9 +195,33 @@ def set_up(cfg: TrainConfig) -> Run:
     if device.type == "cuda":
         tune_cuda()
     speed = inference.resolve_speed(device, cfg.amp, cfg.channels_last, cfg.compile)
-    if rank == 0:
+    run = Run(device, speed, Path(cfg.out), rank, world)
+    claim_run_folder(cfg, run)
+    if run.master:
         print(json.dumps(asdict(cfg)))
-    return Run(device, speed, Path(cfg.out), rank, world)
+    return run
+
+
+RUN_FILES = ("config.json", "split.json", "log.jsonl", "best.pt", "last.pt", "metrics.json", "curves.png",
+             "overlays.png", "failures.png")
+
+
+def claim_run_folder(cfg: TrainConfig, run: Run) -> None:
+    """Never overwrite a run silently: an --out that holds one is refused unless --overwrite on (which deletes the
+    old run's files first); --resume needs a stopped run there."""
+    present = [name for name in RUN_FILES if (run.out / name).exists()]
+    if cfg.resume:
+        if "metrics.json" in present:
+            raise data.UserError(f"--resume {run.out}: this run is finished (metrics.json); nothing to resume")
+        if "last.pt" not in present:
+            raise data.UserError(f"--resume {run.out}: no last.pt there, nothing to resume from")
+    elif present and cfg.overwrite != "on":
+        what = "a finished run (metrics.json)" if "metrics.json" in present else \
+            f"a stopped run (continue it with --resume {run.out})"
+        raise data.UserError(f"--out {run.out} holds {what}: pick another --out, or start over with --overwrite on")
+    elif present and run.master:
+        for name in present:
+            (run.out / name).unlink()
 
 
 def tune_cuda() -> None:
@@ -197,7 +254,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         workers=cfg.workers, seed=cfg.seed, rank=run.rank, world=run.world, augment=cfg.augment == "on",
         affine=cfg.affine == "on", intensity=cfg.intensity)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device)
-    if run.master:
+    if run.master and not cfg.resume:
         run.out.mkdir(parents=True, exist_ok=True)
         for name, obj in (("config.json", asdict(cfg)), ("split.json", split)):
             with data.atomic_path(run.out / name) as tmp:
@@ -232,12 +289,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig,
-                    device: torch.device, speed: inference.Speed):
+def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                    cfg: TrainConfig, device: torch.device, speed: inference.Speed):
     """One optimisation step `train_step(x, y) -> (loss, detached logits)` with the fast-path tricks in `speed`:
-    channels_last input, autocast (fp16 adds a GradScaler), torch.compile of forward + loss (the fused loss is one
-    custom op inside the graph). No host synchronisation: loss and logits stay on the device."""
-    scaler = torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
+    channels_last input, autocast (fp16 needs an enabled GradScaler), torch.compile of forward + loss (the fused
+    loss is one custom op inside the graph). No host synchronisation: loss and logits stay on the device."""
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
@@ -262,29 +318,100 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     return train_step
 
 
+def make_scaler(device: torch.device, speed: inference.Speed) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast; a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=speed.amp == torch.float16)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# One epoch, validation, the training loop
+# One epoch, validation, the training loop; stopping and resuming
 
 
-def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, desc: str) -> dict:
-    """Run one epoch; train loss (mean over batches) and Dice/IoU pooled over all its pixels at threshold 0.5.
-    Totals stay on the device until the one host synchronisation at the end (summed over ranks under DDP)."""
-    totals = {k: torch.zeros((), device=run.device, dtype=torch.float64) for k in ("loss", "inter", "pred", "true")}
-    bar = tqdm(total=len(batches) * batches.batch_size * run.world, desc=desc, unit="slice",
-               disable=None if run.master else True, dynamic_ncols=True)  # None: only on a terminal
-    t0 = time.perf_counter()
-    for x, y in batches.epoch(epoch):
+class Stopped(Exception):
+    """A signal (SIGINT, SIGTERM) asked the run to stop; last.pt has been written."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only set a flag: the loop finishes its step, saves last.pt and stops. Under
+    DDP the ranks agree every SIGNAL_CHECK steps (an all-reduce), so they stop at the same step."""
+
+    SIGNAL_CHECK = 20
+
+    def __init__(self, run: Run):
+        self.run, self.signum, self.previous = run, None, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.request)
+        return self
+
+    def request(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, step: int) -> bool:
+        if not self.run.ddp:
+            return self.signum is not None
+        if step % self.SIGNAL_CHECK:
+            return False
+        flag = torch.tensor([float(self.signum or 0)], device=self.run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item()) or None
+        return self.signum is not None
+
+
+@dataclass
+class Progress:
+    """Where training stands, saved in last.pt with the weights: the epoch in progress and its batches done (with
+    their running totals and seconds when stopped mid-epoch), the log and the early-stopping state."""
+
+    epoch: int = 1
+    batch: int = 0
+    totals: list[float] | None = None  # loss, intersection, predicted, true, first non-finite step (-1: none)
+    seconds: float = 0.0
+    log: list[dict] = field(default_factory=list)
+    best_dice: float = -math.inf
+    stale: int = 0
+
+
+def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, progress: Progress,
+                stop: StopOnSignal) -> dict:
+    """Run epoch `epoch` from batch progress.batch on; train loss (mean over batches) and Dice/IoU pooled over its
+    pixels at threshold 0.5. Totals stay on the device until the one host synchronisation at the end (summed over
+    ranks under DDP). On a stop signal: progress is updated to the step reached and Stopped is raised."""
+    start = progress.batch
+    totals = torch.tensor(progress.totals or [0.0, 0.0, 0.0, 0.0, -1.0], dtype=torch.float64, device=run.device)
+    bar = tqdm(total=len(batches) * batches.batch_size * run.world, initial=start * batches.batch_size * run.world,
+               desc=f"epoch {epoch}", unit="slice", disable=None if run.master else True, dynamic_ncols=True)
+    t0 = time.perf_counter() - progress.seconds
+    for b, (x, y) in enumerate(batches.epoch(epoch, start), start):
         loss, logits = train_step(x, y)
         inter, pred, true = metrics.counts(logits > 0, y)
-        for key, value in (("loss", loss.detach()), ("inter", inter.sum()), ("pred", pred.sum()), ("true", true.sum())):
-            totals[key] += value
+        first_bad = torch.where((totals[4] < 0) & ~torch.isfinite(loss.detach()), float(b), totals[4])
+        totals = torch.stack([totals[0] + loss.detach(), totals[1] + inter.sum(), totals[2] + pred.sum(),
+                              totals[3] + true.sum(), first_bad])
         bar.update(x.shape[0] * run.world)
+        if stop.requested(b + 1):
+            bar.close()
+            progress.batch, progress.totals, progress.seconds = b + 1, totals.tolist(), time.perf_counter() - t0
+            raise Stopped(stop.signum)
     bar.close()
-    values = torch.stack(list(totals.values()))
     if run.ddp:
-        dist.all_reduce(values)
-    loss, inter, pred, true = values.tolist()  # the one host synchronisation of the epoch
+        totals[4] = torch.where(totals[4] < 0, math.inf, totals[4])
+        dist.all_reduce(totals[:4])
+        dist.all_reduce(totals[4:], op=dist.ReduceOp.MIN)
+    loss, inter, pred, true, first_bad = totals.tolist()  # the one host synchronisation of the epoch
     seconds = time.perf_counter() - t0
+    if 0 <= first_bad < math.inf:
+        raise data.UserError(f"the loss became NaN or infinite at epoch {epoch}, step {int(first_bad) + 1} of "
+                             f"{len(batches)}: training stopped; the last good checkpoint is {run.out / 'last.pt'} "
+                             f"(end of epoch {epoch - 1}); try a lower --lr")
     inter, pred, true = torch.tensor(inter), torch.tensor(pred), torch.tensor(true)
     return {"train_loss": loss / (len(batches) * run.world), "train_dice": metrics.dice_from_counts(inter, pred, true).item(),
             "train_iou": metrics.iou_from_counts(inter, pred, true).item(), "seconds": seconds,
@@ -314,43 +441,80 @@ def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> di
             "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
 
 
+def save_last(path: Path, model, optimizer, scheduler, scaler, progress: Progress) -> None:
+    """last.pt: everything needed to continue exactly (the batches and augmentations are functions of the seed,
+    epoch and batch index, so they need no state)."""
+    inference.save_checkpoint({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "progress": asdict(progress), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, path)
+
+
+def load_last(path: Path, model, optimizer, scheduler, scaler) -> Progress:
+    """Restore what save_last saved; the Progress to continue from."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return Progress(**state["progress"])
+
+
 def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches, val_set: data.SliceSet) -> list[dict]:
     """Train for --epochs (or until early stopping), validating after every epoch; rank 0 logs each epoch to
-    log.jsonl and keeps best.pt. Returns the log."""
+    log.jsonl, keeps best.pt and writes last.pt (with --resume, training continues from it). Returns the log."""
     train_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
     optimizer, scheduler = make_optimizer(model, cfg, run.device, cfg.epochs * len(batches),
                                           max(1, int(cfg.warmup * len(batches))))
-    train_step = make_train_step(train_model, optimizer, scheduler, cfg, run.device, run.speed)
+    scaler = make_scaler(run.device, run.speed)
+    train_step = make_train_step(train_model, optimizer, scheduler, scaler, cfg, run.device, run.speed)
     eval_model = torch.compile(model) if run.speed.compile else model
-    log, best_dice, stale = [], -math.inf, 0
-    for epoch in range(1, cfg.epochs + 1):
-        train_model.train()
-        record = {"epoch": epoch, **train_epoch(train_step, batches, epoch, run, f"epoch {epoch}/{cfg.epochs}")}
-        # every rank validates (it is small and resident); under DDP rank 0's numbers decide (BatchNorm statistics
-        # differ per rank), so all ranks stop together
-        val = validate(eval_model, val_set, cfg, run, 2 * batches.batch_size)
-        if run.ddp:
-            agreed = torch.tensor(list(val.values()), dtype=torch.float64, device=run.device)
-            dist.broadcast(agreed, 0)
-            val = dict(zip(val, agreed.tolist()))
-        record.update(val, lr=optimizer.param_groups[0]["lr"])
-        improved = record["val_dice"] > best_dice
-        best_dice, stale = (record["val_dice"], 0) if improved else (best_dice, stale + 1)
-        if run.master:
-            log.append(record)
-            print(f"epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f}, val loss {val['val_loss']:.4f}, val Dice "
-                  f"{val['val_dice']:.4f}, val IoU {val['val_iou']:.4f}, {record['slices_per_s']:.0f} slices/s", flush=True)
-            with open(run.out / "log.jsonl", "a" if epoch > 1 else "w") as f:
-                f.write(json.dumps(record) + "\n")
-            if improved or cfg.select == "last":
-                inference.save_checkpoint(checkpoint(model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
-        if cfg.patience and stale >= cfg.patience:
+    progress = load_last(run.out / "last.pt", model, optimizer, scheduler, scaler) if cfg.resume else Progress()
+    if run.master and cfg.resume:
+        print(f"resuming {run.out} at epoch {progress.epoch}, batch {progress.batch} of {len(batches)}")
+        with data.atomic_path(run.out / "log.jsonl") as tmp:  # drop lines of an epoch that last.pt does not hold
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in progress.log))
+    last = run.out / "last.pt"
+    with StopOnSignal(run) as stop:
+        while progress.epoch <= cfg.epochs and not (cfg.patience and progress.stale >= cfg.patience):
+            epoch = progress.epoch
+            train_model.train()
+            try:
+                record = {"epoch": epoch, **train_epoch(train_step, batches, epoch, run, progress, stop)}
+            except Stopped as s:
+                if run.master:
+                    save_last(last, model, optimizer, scheduler, scaler, progress)
+                    print(f"stopped by {signal.Signals(s.signum).name} at epoch {epoch}, batch {progress.batch}: "
+                          f"resume with `python train.py --resume {run.out}`", file=sys.stderr)
+                raise
+            # every rank validates (it is small and resident); under DDP rank 0's numbers decide (BatchNorm
+            # statistics differ per rank), so all ranks stop together
+            val = validate(eval_model, val_set, cfg, run, 2 * batches.batch_size)
+            if run.ddp:
+                agreed = torch.tensor(list(val.values()), dtype=torch.float64, device=run.device)
+                dist.broadcast(agreed, 0)
+                val = dict(zip(val, agreed.tolist()))
+            record.update(val, lr=optimizer.param_groups[0]["lr"])
+            improved = record["val_dice"] > progress.best_dice
+            progress = Progress(epoch + 1, 0, None, 0.0, progress.log + [record],
+                                record["val_dice"] if improved else progress.best_dice, 0 if improved else progress.stale + 1)
             if run.master:
-                best = max(log, key=lambda r: r["val_dice"])
-                print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best['val_dice']:.4f} "
-                      f"at epoch {best['epoch']})")
-            break
-    return log
+                print(f"epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f}, val loss {val['val_loss']:.4f}, val "
+                      f"Dice {val['val_dice']:.4f}, val IoU {val['val_iou']:.4f}, {record['slices_per_s']:.0f} slices/s",
+                      flush=True)
+                with open(run.out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if improved or cfg.select == "last":
+                    inference.save_checkpoint(checkpoint(model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
+                save_last(last, model, optimizer, scheduler, scaler, progress)
+    if run.master and cfg.patience and progress.stale >= cfg.patience:
+        best = max(progress.log, key=lambda r: r["val_dice"])
+        print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best['val_dice']:.4f} at "
+              f"epoch {best['epoch']})")
+    return progress.log
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,17 +629,27 @@ def main(cfg: TrainConfig) -> None:
         dist.destroy_process_group()
     if not run.master:
         return
-    records, masks = test(cfg, run, cache, split, log)
-    make_figures(run, cache, log, records, masks)
-    print(f"wrote {run.out}/: config.json split.json log.jsonl best.pt metrics.json curves.png overlays.png failures.png")
+    try:
+        records, masks = test(cfg, run, cache, split, log)
+        make_figures(run, cache, log, records, masks)
+    except data.UserError:
+        raise
+    except Exception as e:  # training is done and its checkpoints are safe: say so in one line
+        raise data.UserError(f"training finished but the test phase failed ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}); best.pt and last.pt in {run.out} are intact: "
+                             f"rerun the test with `python train.py --resume {run.out}`") from e
+    print(f"wrote {run.out}/: config.json split.json log.jsonl best.pt last.pt metrics.json curves.png overlays.png "
+          "failures.png")
 
 
 def cli(argv: list[str] | None = None) -> int:
     try:
         main(parse_args(argv))
-    except data.UsageError as e:
+    except data.UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as s:  # the resume line is already printed
+        return 128 + s.signum
     return 0
 
 
