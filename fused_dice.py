@@ -12,11 +12,13 @@ Three pieces side by side, like Liger-Kernel's fused losses:
 
 `dice_bce_loss` is the public entry point; it validates arguments and picks the backend.
 All arithmetic is float32 whatever the input dtype; the gradient comes back in the logits' dtype
-and memory layout (channels-last stays channels-last).
+and memory layout (channels-last stays channels-last). Kernels launch on the logits' device, whichever
+CUDA device is current.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -254,6 +256,18 @@ def _inputs_flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
 # 3. Custom ops and autograd
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current CUDA device for kernel launches (a no-op off CUDA).
+
+    Triton launches on the current device and its current stream, not on the device of the
+    tensors it is given: without this, logits on cuda:1 while cuda:0 is current would be read by
+    a kernel running on cuda:0. `torch.cuda.device` takes a torch.device in every torch we support.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _scalars(n_samples: int, numel: int, mode: str) -> tuple[float, float]:
     return 1.0 / numel, (1.0 / n_samples if mode == "image" else 1.0)
 
@@ -270,12 +284,13 @@ def _dice_bce_fwd(
     partials = torch.empty((4, n, nb), dtype=torch.float32, device=logits.device)
     stats = torch.empty((n + 1, 4), dtype=torch.float32, device=logits.device)
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
-    _dice_bce_fwd_kernel[(nb, n)](x, y, partials, n, m, nb, BLOCK=BLOCK, ITERS=ITERS)
     inv_n_total, _ = _scalars(n, logits.numel(), mode)
-    _dice_bce_reduce_kernel[(1,)](
-        partials, stats, loss, n, nb, inv_n_total, smooth, bce_weight, dice_weight,
-        IMAGE=mode == "image", RN=REDUCE_N, RB=REDUCE_B,
-    )
+    with _on_device(logits.device):
+        _dice_bce_fwd_kernel[(nb, n)](x, y, partials, n, m, nb, BLOCK=BLOCK, ITERS=ITERS)
+        _dice_bce_reduce_kernel[(1,)](
+            partials, stats, loss, n, nb, inv_n_total, smooth, bce_weight, dice_weight,
+            IMAGE=mode == "image", RN=REDUCE_N, RB=REDUCE_B,
+        )
     return loss, stats
 
 
@@ -307,10 +322,11 @@ def _dice_bce_bwd(
     nb = triton.cdiv(m, BLOCK * ITERS)
     inv_n_total, inv_n_dice = _scalars(n, logits.numel(), mode)
     go = grad_loss.to(torch.float32).reshape(1)  # stays on device: no .item()
-    _dice_bce_bwd_kernel[(nb, n)](
-        x, y, g, stats, go, n, m, inv_n_total, inv_n_dice, smooth, bce_weight, dice_weight,
-        IMAGE=mode == "image", BLOCK=BLOCK, ITERS=ITERS,
-    )
+    with _on_device(logits.device):
+        _dice_bce_bwd_kernel[(nb, n)](
+            x, y, g, stats, go, n, m, inv_n_total, inv_n_dice, smooth, bce_weight, dice_weight,
+            IMAGE=mode == "image", BLOCK=BLOCK, ITERS=ITERS,
+        )
     return grad
 
 

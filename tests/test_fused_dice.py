@@ -8,10 +8,18 @@ Where the kernels run depends on TRITON_INTERPRET, read once when fused_dice is 
       plus the realistic-size tests (logits (64, 1, 240, 240), default launch sizes):
           TRITON_INTERPRET=0 python -m pytest -q tests/test_fused_dice.py
   TRITON_INTERPRET=0 without CUDA: every test that needs the Triton path is skipped, saying why.
+In every case test_kernels_compile_for_hopper compiles each kernel for sm_90 in a child process with
+the interpreter off (no GPU needed, only the ptxas shipped in the triton wheel).
 """
 
+import contextlib
+import json
 import math
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,6 +195,83 @@ def test_grad_output_scaling(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# N > 1: one Dice per sample ("image") against one Dice over the batch ("batch"), on independent
+# float64 values. The checks above compare with the reference, so a mix-up of the two modes made in
+# both the reference and the kernels would pass them; these would not.
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_two_samples_exact(backend, mode, device):
+    # logits 0 -> p = 1/2 everywhere; sample 0 has an empty target, sample 1 a full one, 2 pixels
+    # each, so numel = 4 and BCE = ln 2. With Dice_n = (2I + 1) / (P + Y + 1):
+    #   image: D0 = (0 + 1) / (1 + 0 + 1) = 1/2, D1 = (2 + 1) / (1 + 2 + 1) = 3/4 -> Dice = 5/8
+    #   batch: I = 1, P = 2, Y = 2 -> Dice = (2 + 1) / (2 + 2 + 1) = 3/5
+    # dL/dx = (p - y)/4 - w * dD/dp * p(1 - p), dD/dp = (2y S - (2I + 1)) / S^2, S = P + Y + 1,
+    # w = 1/N = 1/2 per sample in image mode, 1 in batch mode:
+    #   image: y=0: 1/8 + 1/2 * 1/4 * 1/4 = 5/32;   y=1: -1/8 - 1/2 * 5/16 * 1/4 = -21/128
+    #   batch: y=0: 1/8 + 3/25 * 1/4 = 31/200;      y=1: -1/8 - 7/25 * 1/4 = -39/200
+    logits = torch.zeros(2, 1, 1, 2, device=device)
+    target = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).reshape(2, 1, 1, 2)
+    want_dice, want_g0, want_g1 = {"image": (5 / 8, 5 / 32, -21 / 128), "batch": (3 / 5, 31 / 200, -39 / 200)}[mode]
+    loss, grad = run(logits, target, backend=backend, mode=mode)
+    assert loss.item() == pytest.approx(math.log(2) + 1 - want_dice, rel=1e-6)
+    torch.testing.assert_close(grad[0], torch.full_like(grad[0], want_g0))
+    torch.testing.assert_close(grad[1], torch.full_like(grad[1], want_g1))
+
+
+def dice_bce_float64(x: np.ndarray, y: np.ndarray, mode: str, smooth: float = 1.0) -> float:
+    """Dice+BCE from the textbook formulas in float64 numpy: BCE = -mean(y log p + (1 - y) log(1 - p)),
+    Dice per row of (N, M) then the mean ("image"), or one Dice over all N * M elements ("batch")."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    y = y.reshape(len(y), -1).astype(np.float64)
+    p = 1.0 / (1.0 + np.exp(-x))
+    bce = -np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+    if mode == "image":
+        dice = np.mean((2.0 * (p * y).sum(axis=1) + smooth) / (p.sum(axis=1) + y.sum(axis=1) + smooth))
+    else:
+        dice = (2.0 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
+    return float(bce + 1.0 - dice)
+
+
+def finite_difference_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central differences of the scalar f at x, one element at a time, in float64."""
+    x = x.astype(np.float64)
+    grad = np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        grad[i] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+def uneven_batch(device="cpu"):
+    """Four samples of (1, 9, 11) with 0, 4, 49 and 97 foreground pixels of 99, and logits that
+    mostly agree with the mask: per-sample Dice runs from ~0.1 to ~0.97, the batch Dice is ~0.81."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand(4, 1, 9, 11, generator=g)
+    target = torch.stack([(u[i] < q).float() for i, q in enumerate([0.0, 0.03, 0.5, 0.97])])
+    logits = 2.5 * (2 * target - 1) + 1.5 * torch.randn(4, 1, 9, 11, generator=g)
+    return logits.to(device), target.to(device)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_modes_against_float64_formula(backend, mode, device):
+    logits, target = uneven_batch(device)
+    x, y = logits.cpu().numpy(), target.cpu().numpy()
+    assert [int(v) for v in y.reshape(4, -1).sum(1)] == [0, 4, 49, 97]
+    # the inputs tell the modes apart: the two losses differ by far more than any tolerance below
+    assert abs(dice_bce_float64(x, y, "image") - dice_bce_float64(x, y, "batch")) > 0.2
+    loss, grad = run(logits, target, backend=backend, mode=mode)
+    assert loss.item() == pytest.approx(dice_bce_float64(x, y, mode), rel=1e-5)
+    want = torch.from_numpy(finite_difference_grad(lambda v: dice_bce_float64(v, y, mode), x))
+    scale = want.abs().max().item()
+    torch.testing.assert_close(grad.cpu().double(), want, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ---------------------------------------------------------------------------------------------
 # determinism, layout, saved memory
 
 
@@ -278,6 +363,205 @@ def test_compiled_training_step_fullgraph(device, monkeypatch):
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, conv.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch device: Triton launches on the *current* CUDA device, so every launch must happen inside
+# fd._on_device(logits.device). No CPU tensor can be on cuda:1, so the chain is checked in two links:
+# every launch sits inside _on_device(logits.device), and _on_device enters torch.cuda.device(that device).
+
+
+def test_every_launch_inside_the_logits_device(device, monkeypatch):
+    entered = []  # devices of the _on_device contexts open now, innermost last
+    launches = []  # (kernel, device of the innermost open context, or None)
+
+    @contextlib.contextmanager
+    def recording_on_device(dev):
+        entered.append(dev)
+        try:
+            yield
+        finally:
+            entered.pop()
+
+    class Spy:
+        """Stands in for a kernel: kernel[grid](...) records where it launched, then launches."""
+
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, entered[-1] if entered else None))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(fd, "_on_device", recording_on_device)
+    for name in ("fwd", "reduce", "bwd"):
+        attr = f"_dice_bce_{name}_kernel"
+        monkeypatch.setattr(fd, attr, Spy(name, getattr(fd, attr)))
+    logits = randn(*SHAPE, device=device)
+    loss, grad = run(logits, mask(*SHAPE, device=device), mode="image")
+    assert launches == [("fwd", logits.device), ("reduce", logits.device), ("bwd", logits.device)]
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()  # the spies did launch the kernels
+
+
+def test_on_device_enters_the_tensors_cuda_device(monkeypatch):
+    entered = []
+
+    class RecordingDevice:
+        """Stands in for torch.cuda.device (whose __enter__ needs a GPU): records what it is entered with."""
+
+        def __init__(self, dev):
+            self.dev = dev
+
+        def __enter__(self):
+            entered.append(self.dev)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    with fd._on_device(torch.device("cuda", 1)):
+        pass
+    with fd._on_device(torch.device("cpu")):  # no CUDA call at all off CUDA (the interpreter runs on CPU)
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_cuda_logits_on_a_device_that_is_not_current(cuda):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices (logits on cuda:1 while cuda:0 is current)")
+    with torch.cuda.device(0):
+        logits, target = randn(*SHAPE, device="cuda:1"), mask(*SHAPE, device="cuda:1")
+        check(logits, target, mode="image")
+        loss, grad = run(logits, target, mode="image")
+        assert loss.device == grad.device == torch.device("cuda", 1)
+        assert torch.cuda.current_device() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels compile for Hopper (sm_90) without a GPU. Under TRITON_INTERPRET=1 the kernels run as
+# Python, which accepts code the compiler rejects (a loop-carried variable changing type, a
+# non-constexpr block size, ...), so a child process with the interpreter off compiles each kernel
+# with triton.compile for a CUDA target down to PTX and, with the ptxas in the triton wheel, a cubin.
+
+TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+            torch.uint8: "u8"}
+
+# Run in a child process with TRITON_INTERPRET=0. Reads a JSON list of cases on stdin; prints one JSON
+# line per case. Each argument is given as the JIT would see it at launch: "*fp32"-style strings for
+# (16-byte aligned) tensors, Python ints and floats for scalars; like the JIT, an int equal to 1
+# becomes a constexpr and a multiple of 16 gets a divisibility hint. The same ASTSource call works
+# on triton 3.6 and 3.9 (signature by argument name, constexprs by name, attrs by argument index).
+COMPILE_SCRIPT = r"""
+import json, sys, time
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fused_dice as fd
+
+assert not fd.TRITON_INTERPRET, "the child must compile, not interpret"
+DIV16 = [["tt.divisibility", 16]]
+target = GPUTarget("cuda", 90, 32)
+for case in json.load(sys.stdin):
+    fn = getattr(fd, case["kernel"])
+    args, constexprs = case["args"], dict(case["constexprs"])
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        v = args.get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(v, str):  # a tensor: pointer to its element type
+            signature[name], attrs[(i,)] = v, DIV16
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        elif v == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = DIV16
+    out = {"name": case["name"]}
+    t0 = time.perf_counter()
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=target)
+        out.update(ptx=len(k.asm.get("ptx", "")), cubin=len(k.asm.get("cubin", b"")), target=k.metadata.target.arch)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {str(e).strip()[-1500:]}"
+    out["s"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(out), flush=True)
+"""
+
+
+def ptxas_path():
+    """The ptxas Triton would call (TRITON_PTXAS_PATH, else the one in the triton wheel), or None."""
+    if os.environ.get("TRITON_PTXAS_PATH"):
+        return os.environ["TRITON_PTXAS_PATH"] if os.path.isfile(os.environ["TRITON_PTXAS_PATH"]) else None
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    return path if os.path.isfile(path) else None
+
+
+def hopper_cases(launch):
+    """Every kernel specialisation the public API can launch: logits dtype x target dtype (bool is
+    viewed as uint8) x mode, at train.py's launch (64 samples of 240 x 240) with the shipped launch
+    sizes; plus one 64 x 64 sample, where N = NB = 1 become constexprs."""
+    blocks = {"BLOCK": launch["BLOCK"], "ITERS": launch["ITERS"]}
+    reduce_tiles = {"RN": launch["REDUCE_N"], "RB": launch["REDUCE_B"]}
+    scalars = {"inv_n_total": 1e-6, "smooth": 1.0, "bce_weight": 1.0, "dice_weight": 1.0}
+    target_dtypes = sorted({torch.uint8 if d == torch.bool else d for d in fd.TARGET_DTYPES}, key=str)
+
+    def kernels(tag, n, m, x, y):
+        nb = -(-m // (launch["BLOCK"] * launch["ITERS"]))
+        yield {"name": f"fwd {tag}", "kernel": "_dice_bce_fwd_kernel", "constexprs": blocks,
+               "args": {"x_ptr": x, "y_ptr": y, "part_ptr": "*fp32", "N": n, "M": m, "NB": nb}}
+        for image in (False, True):
+            mode = "image" if image else "batch"
+            yield {"name": f"bwd {tag} {mode}", "kernel": "_dice_bce_bwd_kernel",
+                   "constexprs": {"IMAGE": image, **blocks},
+                   "args": {"x_ptr": x, "y_ptr": y, "g_ptr": x, "stats_ptr": "*fp32", "go_ptr": "*fp32",
+                            "N": n, "M": m, "inv_n_dice": 1 / n, **scalars}}
+
+    def reduces(tag, n, m):
+        nb = -(-m // (launch["BLOCK"] * launch["ITERS"]))
+        for image in (False, True):
+            yield {"name": f"reduce {tag} {'image' if image else 'batch'}", "kernel": "_dice_bce_reduce_kernel",
+                   "constexprs": {"IMAGE": image, **reduce_tiles},
+                   "args": {"part_ptr": "*fp32", "stats_ptr": "*fp32", "loss_ptr": "*fp32", "N": n, "NB": nb,
+                            **scalars}}
+
+    n, m = REAL[0], math.prod(REAL[1:])
+    for xd in fd.LOGITS_DTYPES:
+        for yd in target_dtypes:
+            x, y = "*" + TL_TYPES[xd], "*" + TL_TYPES[yd]
+            yield from kernels(f"x={TL_TYPES[xd]} y={TL_TYPES[yd]}", n, m, x, y)
+    yield from reduces("N=64", n, m)
+    yield from kernels("x=fp32 y=u8 N=1", 1, 64 * 64, "*fp32", "*u8")
+    yield from reduces("N=1", 1, 64 * 64)
+
+
+def test_kernels_compile_for_hopper(default_blocks, tmp_path):
+    if ptxas_path() is None:
+        pytest.skip("no ptxas: neither TRITON_PTXAS_PATH nor triton/backends/nvidia/bin/ptxas exists")
+    cases = list(hopper_cases(default_blocks))
+    assert len(cases) == 3 * 5 * 3 + 2 + 5  # (fwd + 2 bwd) per dtype pair, 2 reduces, 5 with N = 1
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="",  # compile only: no GPU used
+               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),  # fresh: every kernel really compiles
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], input=json.dumps(cases), env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in results] == [c["name"] for c in cases]
+    failed = [f"{r['name']}: {r['error']}" for r in results if "error" in r]
+    assert not failed, f"{len(failed)} of {len(cases)} failed to compile for sm_90:\n" + "\n".join(failed)
+    for r in results:
+        assert r["target"] == 90 and r["ptx"] > 1000 and r["cubin"] > 1000, r
 
 
 # ---------------------------------------------------------------------------------------------
