@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 @dataclass
 class UNetConfig:
-    in_channels: int = 4   # 4 = T1, T1Gd, T2, FLAIR; 1 = a single modality
+    in_channels: int = 4   # modalities (data.CHANNELS: FLAIR, T1, T1Gd, T2) x slices of context
     out_channels: int = 1  # one whole-tumour logit per pixel
     base: int = 32         # channels at the first level; doubles at each level down
     depth: int = 4         # number of down-sampling steps

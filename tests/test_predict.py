@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,11 +90,17 @@ def test_missing_modality_fails_that_case_only(mixed_run):
     assert "1 of 2 cases failed" in mixed_run.stdout
 
 
-def test_mask_orientation_and_metrics_with_an_oracle(ckpt, sample, tmp_path, monkeypatch, capsys):
-    """With logits that reproduce the label, the written mask must equal seg > 0 voxel for voxel (slice placement
-    and the (z, x, y) → (x, y, z) transpose), with Dice 1 and HD95 0, and the checkpoint's threshold/min_component used."""
+def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, sample, tmp_path, monkeypatch, capsys):
+    """Logits that reproduce the label, plus three decoys each removed by one of the checkpoint's non-default
+    post-processing settings: a soft region at logit 0.8 (sigmoid 0.69: under threshold 0.7, over it without the
+    sigmoid), a 16-pixel speck (minimum component 25) and a 1,600-pixel blob on a tumour-free slice (largest 3D
+    component). The written mask must equal seg > 0 after the same post-processing done here with scipy, voxel for
+    voxel (slice placement, the (z, x, y) → (x, y, z) transpose, every setting honoured), and the model must get
+    the checkpoint's channels in its order."""
+    from scipy import ndimage
+
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    raw.update(threshold=0.5, min_component=0, largest_3d=False)
+    raw.update(threshold=0.7, min_component=25, largest_3d=True, channels=[2, 0])
     oracle_ckpt = tmp_path / "oracle.pt"
     torch.save(raw, oracle_ckpt)
     truth = np.asarray(nib.load(str(sample / GOOD / f"{GOOD}_seg.nii.gz")).dataobj) > 0  # (x, y, z)
@@ -101,14 +108,23 @@ def test_mask_orientation_and_metrics_with_an_oracle(ckpt, sample, tmp_path, mon
     preprocess = data.preprocess_volume
 
     def spy_preprocess(image, size, crop_to_brain=True):
-        kept["slices"], images, kept["box"] = preprocess(image, size, crop_to_brain)
-        return kept["slices"], images, kept["box"]
+        kept["slices"], kept["images"], kept["box"] = preprocess(image, size, crop_to_brain)
+        return kept["slices"], kept["images"], kept["box"]
 
     def oracle_logits(model, images, context, device, batch_size, speed):
-        assert images.shape == (len(kept["slices"]), 4, 32, 32) and context.shape == (len(kept["slices"]), 1)
+        assert torch.equal(images, torch.from_numpy(kept["images"][:, [2, 0]])) and context.shape == (len(images), 1)
         label = torch.from_numpy(truth.transpose(2, 0, 1)[kept["slices"]])  # (z, x, y) kept slices
+        logits = torch.where(label, 20.0, -20.0)
+        tumour_z = label.flatten(1).any(1)
+        z_soft, z_speck = int(torch.nonzero(tumour_z)[0, 0]) + 5, int(torch.nonzero(tumour_z)[0, 0]) + 10
+        z_blob = int(torch.nonzero(~tumour_z)[3, 0])  # a kept slice without tumour
+        decoys = ((z_soft, slice(60, 80), slice(60, 80), 0.8), (z_speck, slice(60, 64), slice(180, 184), 20.0),
+                  (z_blob, slice(60, 100), slice(150, 190), 20.0))
+        for z, xs, ys, value in decoys:
+            assert not label[z, xs, ys].any()
+            logits[z, xs, ys] = value
         x0, y0, side = kept["box"]  # logits of the brain's box at full resolution: data.uncrop pastes them as they are
-        return torch.where(label[:, x0:x0 + side, y0:y0 + side], 20.0, -20.0)
+        return logits[:, x0:x0 + side, y0:y0 + side]
 
     monkeypatch.setattr(data, "preprocess_volume", spy_preprocess)
     monkeypatch.setattr(inference, "predict_logits", oracle_logits)
@@ -116,9 +132,36 @@ def test_mask_orientation_and_metrics_with_an_oracle(ckpt, sample, tmp_path, mon
     rc = predict.cli(["--ckpt", str(oracle_ckpt), "--out", str(out), "--device", "cpu", str(sample / GOOD)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert np.array_equal(np.asarray(nib.load(str(out / f"{GOOD}.nii.gz")).dataobj), truth.astype(np.uint8))
-    assert "Dice 1.0000" in captured.out and "IoU 1.0000" in captured.out and "HD95 0.00 mm" in captured.out
-    assert f"tumour {truth.sum() / 1000:.2f} mL" in captured.out  # 1 mm isotropic voxels
+    expected = truth.copy()  # the label's own 2D pieces under 25 pixels go too; then its largest 3D component
+    for z in range(expected.shape[2]):
+        pieces, n = ndimage.label(expected[:, :, z], structure=np.ones((3, 3)))
+        sizes = np.bincount(pieces.ravel())
+        expected[:, :, z] &= (sizes >= 25)[pieces]
+    pieces, n = ndimage.label(expected, structure=np.ones((3, 3, 3)))
+    expected = pieces == np.bincount(pieces.ravel())[1:].argmax() + 1
+    assert np.array_equal(np.asarray(nib.load(str(out / f"{GOOD}.nii.gz")).dataobj), expected.astype(np.uint8))
+    dice = 2 * (expected & truth).sum() / (expected.sum() + truth.sum())
+    assert 0.99 < dice < 1 and f"Dice {dice:.4f}" in captured.out
+    assert f"tumour {expected.sum() / 1000:.2f} mL" in captured.out  # 1 mm isotropic voxels
+
+
+def test_predict_reproduces_train_evaluation(sample_subset, tmp_path):
+    """A model trained on three real cases (4 channels, neighbour slices as context, cropped): predict.py's mask of
+    the test patient scores exactly the Dice and IoU that train.py's evaluation wrote for it."""
+    run = tmp_path / "run"
+    assert train.cli(["--data", f"nifti:{sample_subset}", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
+                      "--batch-size", "8", "--context", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
+                      "--out", str(run)]) == 0
+    row = json.loads((run / "metrics.json").read_text())["test"]["per_volume"][0]
+    out = tmp_path / "pred"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert predict.cli(["--ckpt", str(run / "best.pt"), "--out", str(out), "--device", "cpu",
+                            str(sample_subset / row["id"])]) == 0
+    pred = np.asarray(nib.load(str(out / f"{row['id']}.nii.gz")).dataobj).astype(bool)
+    truth = np.asarray(nib.load(str(sample_subset / row["id"] / f"{row['id']}_seg.nii.gz")).dataobj) > 0
+    inter, p, t = (pred & truth).sum(), pred.sum(), truth.sum()
+    assert 2 * inter / (p + t) == pytest.approx(row["dice"], abs=1e-6) and truth.sum() == row["tumour_voxels"]
+    assert inter / (p + t - inter) == pytest.approx(row["iou"], abs=1e-6)
 
 
 def test_checkpoint_round_trips(ckpt):

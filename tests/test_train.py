@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import inference
 import train
 from conftest import ROOT, write_h5_slices
@@ -46,6 +47,58 @@ def test_synthetic_end_to_end(tmp_path):
     check_run(out, 2)
 
 
+def test_the_dataloader_path_trains_end_to_end(tmp_path, monkeypatch):
+    """--resident off: DataLoader workers read the disk cache (workers 0: in this process, so it is recorded)."""
+    out, served = tmp_path / "run", []
+    original = data.DiskSlices.__getitem__
+    monkeypatch.setattr(data.DiskSlices, "__getitem__", lambda self, i: served.append(i) or original(self, i))
+    assert train.cli(["--data", "synthetic:4x10", *TINY, "--resident", "off", "--workers", "0", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    check_run(out, 2)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(served) == 2 * 8 * int(round(log[0]["slices_per_s"] * log[0]["seconds"] / 8))  # every batch, both epochs
+
+
+def test_training_uses_only_the_training_patients(tmp_path, monkeypatch):
+    loaded = {}
+    original = data.TrainBatches.__init__
+
+    def record(self, cache, volume_ids, *args, **kwargs):
+        loaded["train"] = list(volume_ids)
+        original(self, cache, volume_ids, *args, **kwargs)
+
+    monkeypatch.setattr(data.TrainBatches, "__init__", record)
+    out = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:6x4", *TINY, "--epochs", "1", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert loaded["train"] == split["train"] and len(split["train"]) == 4
+    assert not set(loaded["train"]) & (set(split["val"]) | set(split["test"]))
+    tested = {v["id"] for v in json.loads((out / "metrics.json").read_text())["test"]["per_volume"]}
+    assert tested == set(split["test"])
+
+
+def test_a_train_step_learns(tmp_path):
+    """train.py's own step, 40 times on one batch of phantom slices: the loss falls and the batch is learnt (an
+    optimiser that never steps, or a schedule stuck at zero, leaves the loss where it started)."""
+    cache = data.prepare("synthetic:3x8", 32, tmp_path)
+    slices = data.load_slices(cache, cache.volume_ids, [0, 1, 2, 3])
+    idx = torch.nonzero(slices.masks.flatten(1).sum(1) > 20)[:8, 0]
+    x, y = slices.inputs(idx).float(), slices.masks[idx].unsqueeze(1)
+    cfg = train.TrainConfig(size=32, base=8, depth=3, batch_size=8, lr=5e-3, device="cpu")
+    cpu, speed = torch.device("cpu"), inference.Speed(None, False, False)
+    torch.manual_seed(0)
+    model = train.build_model(cfg)
+    optimizer, scheduler = train.make_optimizer(model, cfg, cpu, total_steps=40, warmup_steps=1)
+    step = train.make_train_step(model, optimizer, scheduler, train.make_scaler(cpu, speed), cfg, cpu, speed)
+    losses = [step(x, y)[0].item() for _ in range(40)]
+    model.eval()
+    with torch.no_grad():
+        pred = model(x) > 0
+    dice = 2 * (pred & y.bool()).sum() / (pred.sum() + y.bool().sum())
+    assert losses[-1] < 0.8 * losses[0] and dice > 0.7, (losses[0], losses[-1], float(dice))
+
+
 def test_nifti_end_to_end_on_real_cases_one_channel(sample_subset, tmp_path):
     out = tmp_path / "run"
     assert train.cli(["--data", f"nifti:{sample_subset}", *TINY, "--channel", "0", "--out", str(out),
@@ -63,13 +116,27 @@ def test_h5_end_to_end_from_real_cases(real_h5, tmp_path):
     check_run(out, 1)
 
 
-def test_early_stopping_stops_before_epochs(tmp_path):
+def test_early_stopping_stops_where_the_log_says(tmp_path):
+    """It stops `patience` epochs after the best validation Dice, and the model tested is that epoch's."""
     out = tmp_path / "run"
-    args = ["--data", "synthetic:3x6", *TINY, "--epochs", "6", "--patience", "1", "--lr", "1e-7", "--out", str(out),
+    args = ["--data", "synthetic:3x6", *TINY, "--epochs", "8", "--patience", "2", "--out", str(out),
             "--cache-dir", str(tmp_path / "c")]
     assert train.cli(args) == 0
-    log = (out / "log.jsonl").read_text().splitlines()
-    assert len(log) < 6
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    dice = [r["val_dice"] for r in log]
+    best = dice.index(max(dice)) + 1  # the first epoch with the best Dice
+    assert len(log) == min(8, best + 2), dice
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == best
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == best
+
+
+def test_select_last_keeps_the_final_epoch_and_patience_0_never_stops(tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", "synthetic:3x6", *TINY, "--epochs", "3", "--patience", "0", "--select", "last", "--lr", "1e-7",
+            "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert train.cli(args) == 0
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 3
 
 
 def run_cli(*args, cwd=ROOT, env_extra=None):

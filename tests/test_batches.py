@@ -1,0 +1,128 @@
+"""The batch source (data.TrainBatches) on a tagged data set: every slice carries its tag in both its image and its
+mask (the tag is the number of marked pixels), so pairing, coverage, shuffling, context and rank shares can be
+read off the batches themselves."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+SIZE = 16
+COUNTS = (5, 7, 6)  # slices per volume: tags 1..5, 6..12, 13..18
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory) -> data.Cache:
+    """A cache whose slice k (counting over all volumes from 1) has its first k pixels marked, in the mask and, with
+    value 1 + channel, in every image channel."""
+    root = tmp_path_factory.mktemp("tagged")
+    volumes, tag = [], 0
+    for v, n in enumerate(COUNTS):
+        images = np.zeros((n, 4, SIZE, SIZE), np.float16)
+        masks = np.zeros((n, SIZE, SIZE), np.uint8)
+        for k in range(n):
+            tag += 1
+            marked = (np.arange(SIZE * SIZE) < tag).reshape(SIZE, SIZE)
+            masks[k] = marked
+            images[k] = marked * (1 + np.arange(4))[:, None, None]
+        np.save(root / f"images_v{v}.npy", images)
+        np.save(root / f"masks_v{v}.npy", masks)
+        volumes.append({"id": f"v{v}", "slices": list(range(n)), "depth": n, "box": [0, 0, SIZE], "spacing": [1, 1, 1]})
+    meta = {"size": SIZE, "volumes": volumes}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return data.Cache(root, meta)
+
+
+def tags(x: torch.Tensor) -> torch.Tensor:
+    """Tag of each (.., H, W) slice: its number of non-zero pixels."""
+    return (x != 0).flatten(-2).sum(-1)
+
+
+def volume_of(tag: int) -> int:
+    return int(np.searchsorted(np.cumsum(COUNTS), tag))
+
+
+def neighbour(tag: int, step: int) -> int:
+    """The tag of the slice `step` away in the same volume, the edge slice repeated."""
+    start = int(np.cumsum((0,) + COUNTS)[volume_of(tag)]) + 1
+    return min(max(tag + step, start), start + COUNTS[volume_of(tag)] - 1)
+
+
+def epoch_batches(batches: data.TrainBatches, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in batches.epoch(epoch, start)]
+
+
+@pytest.mark.parametrize("resident,workers", [(True, 0), (False, 0), (False, 2)])
+@pytest.mark.parametrize("augment", [False, True])
+def test_an_epoch_is_a_permutation_of_the_training_slices_each_with_its_own_mask(tagged, resident, workers, augment):
+    volumes = ["v0", "v2"]  # tags 1..5 and 13..18: 11 slices, 3 batches of 3 (2 dropped)
+    batches = data.TrainBatches(tagged, volumes, [0, 1, 2, 3], "cpu", 3, context=1, resident=resident,
+                                workers=workers, augment=augment, seed=5)
+    assert len(batches) == 3
+    seen = []
+    for x, y in epoch_batches(batches, 1):
+        assert x.shape == (3, 12, SIZE, SIZE) and x.dtype == torch.float32
+        assert y.shape == (3, 1, SIZE, SIZE) and y.dtype == torch.uint8 and y.is_contiguous()
+        middle = tags(x[:, 4:8])  # channels of the slice itself: z - 1 (0..3), z (4..7), z + 1 (8..11)
+        assert (middle == tags(y[:, 0])[:, None]).all()  # every channel and the mask: the same slice
+        for t, before, after in zip(middle[:, 0].tolist(), tags(x[:, 0]).tolist(), tags(x[:, 8]).tolist()):
+            assert (before, after) == (neighbour(t, -1), neighbour(t, 1))
+        if augment:  # the geometry moves image and mask together
+            assert ((x[:, 4] != 0) == (y[:, 0] == 1)).all()
+        seen += middle[:, 0].tolist()
+    assert len(seen) == len(set(seen)) == 9
+    assert set(seen) <= set(range(1, 6)) | set(range(13, 19))
+    second = [t for x, _ in epoch_batches(batches, 2) for t in tags(x[:, 4]).tolist()]
+    assert second != seen and seen != sorted(seen)  # shuffled, and differently each epoch
+
+
+def test_ranks_share_an_epoch_without_overlap(tagged):
+    ids = ["v0", "v1", "v2"]
+    shares = []
+    for rank in range(3):
+        batches = data.TrainBatches(tagged, ids, [0], "cpu", 2, rank=rank, world=3, augment=False, seed=1)
+        assert len(batches) == 3  # 18 slices / 3 ranks / batch 2
+        shares.append([t for x, _ in epoch_batches(batches, 4) for t in tags(x[:, 0]).tolist()])
+    flat = [t for s in shares for t in s]
+    assert len(flat) == len(set(flat)) == 18 and set(flat) == set(range(1, 19))
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_an_epoch_restarted_at_a_batch_sees_the_same_batches(tagged, resident):
+    """What resuming mid-epoch relies on: batch b of epoch e is the same whether the epoch starts at 0 or at b."""
+    batches = data.TrainBatches(tagged, ["v0", "v1", "v2"], [0, 1], "cpu", 4, resident=resident, workers=0,
+                                affine=True, seed=3)
+    full, tail = epoch_batches(batches, 3), epoch_batches(batches, 3, start=2)
+    assert len(full) == 4 and len(tail) == 2
+    for (x1, y1), (x2, y2) in zip(full[2:], tail):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_affine_augmentation_warps_image_and_mask_alike():
+    """Thin off-centre bars, rotated by up to 15° and zoomed by up to 10%: image and mask stay on each other, and
+    the bars did move."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(32, 1, 48, 48, dtype=torch.uint8)
+    y[:, :, 6:10, 4:44] = 1  # a horizontal bar near the top
+    y[:, :, 14:40, 34:37] = 1  # a vertical bar on the right
+    x = y.float().repeat(1, 2, 1, 1) * 3
+    xa, ya = data.augment(x, y, g, affine=True, intensity=0.0)
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.flatten(1).bool(), b.flatten(1).bool()
+        return (a & b).sum(1) / (a | b).sum(1).clamp_min(1)
+
+    aligned = iou(xa[:, 0] > 1.5, ya[:, 0])
+    assert aligned.min() > 0.75, aligned
+    moved = iou(ya[:, 0], y[:, 0])
+    assert (moved < 0.6).sum() >= 8  # most draws rotate the thin bars off themselves
+
+
+def test_as_device_gives_cuda_an_index():
+    """Tensors on CUDA report cuda:N; a bare 'cuda' must compare equal to them (else batches take the host path)."""
+    assert data.as_device("cuda") == torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    assert data.as_device("cuda:1") == torch.device("cuda:1") and data.as_device("cpu") == torch.device("cpu")

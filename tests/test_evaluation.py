@@ -1,0 +1,119 @@
+"""Evaluation on hand-made inputs whose answers are computed by hand: train.evaluate (test metrics),
+train.validate (per-volume validation Dice), inference.choose_postprocessing, and the connectivity of the
+post-processing."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import inference
+import metrics
+import train
+
+
+def square(shape, rows, cols) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[rows, cols] = True
+    return m
+
+
+@pytest.fixture
+def two_volumes(tmp_path) -> data.Cache:
+    """Volume A: 4 slices, slices 1 and 2 kept; slice 1 holds a 10 x 10 tumour, slice 2 none.
+    Volume B: 1 slice, a 20 x 20 tumour."""
+    f = (data.RAW_SIZE, data.RAW_SIZE)
+    full = {"A": np.stack([square(f, slice(100, 110), slice(100, 110)), np.zeros(f, bool)]),
+            "B": square(f, slice(50, 70), slice(50, 70))[None]}
+    for vid, m in full.items():
+        np.save(tmp_path / f"full_{vid}.npy", m.astype(np.uint8))
+    meta = {"size": 32, "volumes": [
+        {"id": "A", "depth": 4, "slices": [1, 2], "box": [0, 0, 240], "spacing": [1.0, 1.0, 1.0]},
+        {"id": "B", "depth": 1, "slices": [0], "box": [0, 0, 240], "spacing": [1.0, 1.0, 1.0]}]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return data.Cache(tmp_path, meta)
+
+
+def test_evaluate_by_hand(two_volumes):
+    f = (data.RAW_SIZE, data.RAW_SIZE)
+    probs = {  # after thresholding at 0.5: A slice 1 finds half the tumour (10 x 5), A slice 2 a 3 x 3 false positive
+        "A": np.stack([square(f, slice(100, 110), slice(100, 105)), square(f, slice(10, 13), slice(10, 13))]).astype(np.float16),
+        "B": square(f, slice(50, 70), slice(50, 70))[None].astype(np.float16),
+    }
+    summary, records, masks = train.evaluate(probs, two_volumes, {"threshold": 0.5, "min_component": 0, "largest_3d": False})
+    a, b = summary["per_volume"]
+    # A: |P| = 50 + 9, |T| = 100, |P∩T| = 50 → Dice 100 / 159, IoU 50 / 109 (the volume's, not its slices' mean)
+    assert a["dice"] == pytest.approx(100 / 159, abs=1e-6) and a["iou"] == pytest.approx(50 / 109, abs=1e-6)
+    assert b["dice"] == 1.0 and b["iou"] == 1.0 and b["hd95_mm"] == 0.0 and b["tumour_voxels"] == 400
+    assert a["hd95_mm"] > 0 and a["tumour_voxels"] == 100
+    assert summary["volume_dice"] == pytest.approx((100 / 159 + 1) / 2, abs=1e-6)
+    assert summary["volume_dice_min"] == pytest.approx(100 / 159, abs=1e-6)
+    assert summary["slice_dice"] == pytest.approx((100 / 150 + 1) / 2, abs=1e-6)  # tumour slices only
+    assert summary["tumour_slices"] == 2 and summary["empty_slices"] == 1 and summary["false_positive_slices"] == 1
+    assert [(r["volume"], r["slice"]) for r in records] == [("A", 1), ("A", 2), ("B", 0)]
+    assert math.isnan(records[1]["dice"]) and masks["A"].sum() == 59
+
+
+def test_validation_dice_is_the_mean_over_volumes_not_pooled(tmp_path):
+    """Volume 0: predicted exactly (Dice 1); volume 1: 300 pixels predicted around 100 true ones (Dice 0.5).
+    Per volume: 0.75; pooled over both: 400 / 600."""
+    images = torch.zeros(2, 1, 32, 32, dtype=torch.float16)
+    masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    masks[0, :10, :10] = masks[1, :10, :10] = 1
+    images[0, 0, :10, :10] = 1
+    images[1, 0, :10, :30] = 1
+    val = data.SliceSet(images, masks, torch.tensor([0, 1]), ["v0", "v1"], data.context_index([1, 1], 0))
+
+    class Marked(torch.nn.Module):  # logits +10 where the image is marked
+        def forward(self, x):
+            return torch.where(x[:, :1] > 0, 10.0, -10.0)
+
+    run = train.Run(torch.device("cpu"), inference.Speed(None, False, False), tmp_path)
+    out = train.validate(Marked(), val, train.TrainConfig(), run, batch_size=1)
+    assert out["val_dice"] == pytest.approx(0.75) and out["val_iou"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_choose_postprocessing_finds_the_known_best():
+    """Truth: a tumour over slices 1-3 (areas 150, 400, 150). Probabilities: the tumour at 0.55, a rim around its
+    middle slice at 0.45, a 20-pixel speck at 0.65, a separate 300-pixel blob at 0.55 on slice 4.
+    Threshold 0.3/0.4 keeps the rim (joined to the tumour), 0.6/0.7 loses the tumour: 0.5. A minimum component of
+    25 drops the speck and keeps every tumour slice (200 would drop its 150-pixel ends): 25. The blob survives
+    both; only the largest 3D component removes it, which makes the Dice 1."""
+    shape = (5, 64, 64)
+    truth = np.zeros(shape, bool)
+    truth[1, 10:20, 10:25] = truth[3, 10:20, 10:25] = True
+    truth[2, 5:25, 5:25] = True
+    probs = np.zeros(shape, np.float32)
+    probs[2, 4:26, 4:26] = 0.45
+    probs[truth] = 0.55
+    probs[2, 50:54, 50:55] = 0.65
+    probs[4, 40:55, 40:60] = 0.55
+    post, dice = inference.choose_postprocessing({"v": probs}, {"v": truth.astype(np.uint8)})
+    assert post == {"threshold": 0.5, "min_component": 25, "largest_3d": True} and dice == pytest.approx(1.0)
+    # without the blob the largest-3D rule changes nothing and is not chosen (ties keep the simpler rule)
+    probs[4] = 0
+    post, dice = inference.choose_postprocessing({"v": probs}, {"v": truth.astype(np.uint8)})
+    assert post == {"threshold": 0.5, "min_component": 25, "largest_3d": False} and dice == pytest.approx(1.0)
+
+
+def test_largest_component_is_26_connected():
+    """A cube and a smaller cube touching it only at a corner are one 26-connected component (6-connected: two)."""
+    m = np.zeros((10, 10, 10), bool)
+    m[0:3, 0:3, 0:3] = True  # 27 voxels
+    m[3:5, 3:5, 3:5] = True  # 8 voxels, corner to corner with the first
+    m[7:9, 7:9, 0:2] = True  # 8 voxels apart
+    out = metrics.keep_largest_component(m)
+    assert out.sum() == 35 and out[3:5, 3:5, 3:5].all() and not out[7:9, 7:9, 0:2].any()
+
+
+def test_small_components_are_8_connected_in_2d():
+    """A diagonal line of 5 pixels is one 8-connected component of 5 (4-connected: five of 1)."""
+    m = np.zeros((1, 8, 8), bool)
+    for i in range(5):
+        m[0, i, i] = True
+    assert metrics.remove_small_components(m, 3).sum() == 5
+    assert metrics.remove_small_components(m, 6).sum() == 0

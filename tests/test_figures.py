@@ -1,0 +1,72 @@
+"""Figures: the overlay's documented colours on a known layout, outlines where the masks are, PNGs that open."""
+from __future__ import annotations
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import figures
+
+
+def test_overlay_colours_of_a_known_layout():
+    """Background (0) is black before blending, so a marked pixel is exactly OVERLAY_ALPHA x its colour; a brain
+    pixel with no mark stays grey."""
+    image = np.zeros((4, 4), np.float32)
+    image[3] = np.linspace(1, 2, 4)  # brain in the last row
+    pred = np.zeros((4, 4), bool)
+    truth = np.zeros((4, 4), bool)
+    pred[0, 0] = truth[0, 0] = True   # true positive
+    pred[0, 1] = True                 # false positive
+    truth[0, 2] = True                # false negative
+    rgb = figures.overlay(image, pred, truth)
+    a = figures.OVERLAY_ALPHA
+    assert rgb.shape == (4, 4, 3)
+    np.testing.assert_allclose(rgb[0, 0], [0, a, 0])  # green
+    np.testing.assert_allclose(rgb[0, 1], [a, 0, 0])  # red
+    np.testing.assert_allclose(rgb[0, 2], [0, 0.4 * a, a])  # blue
+    np.testing.assert_allclose(rgb[1, 1], [0, 0, 0])  # background, unmarked
+    assert np.allclose(rgb[3, :, 0], rgb[3, :, 1]) and np.allclose(rgb[3, :, 1], rgb[3, :, 2])  # grey brain
+    assert rgb[3, 3, 0] > rgb[3, 0, 0]  # brighter scan, brighter grey
+
+
+def test_outline_follows_the_mask_boundary():
+    plt = figures.pyplot()
+    mask = np.zeros((30, 40), bool)
+    mask[10:20, 5:15] = True  # rows 10..19, columns 5..14
+    fig, ax = plt.subplots()
+    figures.draw_outline(ax, mask, "lime")
+    points = np.concatenate([line.get_xydata() for line in ax.lines])  # (x = column, y = row)
+    plt.close(fig)
+    assert points[:, 0].min() == 5 and points[:, 0].max() == 14 and points[:, 1].min() == 10 and points[:, 1].max() == 19
+    on_edge = (np.isin(points[:, 0], [5, 14])) | (np.isin(points[:, 1], [10, 19]))
+    assert on_edge.all()
+
+
+def colour_pixels(png: np.ndarray, rgb: tuple[float, float, float]) -> int:
+    return int((np.abs(png[..., :3] - np.array(rgb)).max(-1) < 0.15).sum())
+
+
+@pytest.mark.parametrize("with_truth", [True, False])
+def test_montage_draws_the_prediction_red_and_the_label_lime(tmp_path, with_truth):
+    flair = np.zeros((6, 64, 64), np.float32)
+    flair[:, 8:56, 8:56] = 1.0
+    pred = np.zeros((6, 64, 64), bool)
+    pred[2:4, 20:40, 20:40] = True
+    truth = np.zeros_like(pred)
+    truth[2:5, 25:45, 25:45] = True
+    path = tmp_path / "m.png"
+    figures.write_montage(flair, pred, truth if with_truth else None, path, "title")
+    png = matplotlib.image.imread(path)
+    assert png.ndim == 3 and not list(tmp_path.glob(".tmp*"))
+    assert colour_pixels(png, (1, 0, 0)) > 50  # the red outline (plus its legend line)
+    lime = colour_pixels(png, (0, 1, 0))
+    assert lime > 50 if with_truth else lime == 0
+
+
+def test_picks_put_each_volume_s_largest_tumour_slice_first():
+    records = [{"volume": v, "slice": z, "dice": d} for v, z, d in
+               [("a", 0, 0.5), ("a", 1, 0.9), ("a", 2, float("nan")), ("b", 0, 0.1), ("b", 1, 0.7)]]
+    area = {("a", 0): 10, ("a", 1): 30, ("a", 2): 0, ("b", 0): 50, ("b", 1): 5}
+    picks = figures.pick_overview(records, area, n=3)
+    assert [(r["volume"], r["slice"]) for r in picks[:2]] == [("a", 1), ("b", 0)] and len(picks) == 3
+    assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records, n=2)] == [("b", 0), ("a", 0)]
