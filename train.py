@@ -51,7 +51,7 @@ class TrainConfig:
     data: str = option("kaggle", "kaggle | synthetic[:VOLUMESxSLICES] | h5:DIR (Kaggle .h5 files) | nifti:DIR "
                                  "(official BraTS case folders)")
     channel: int | None = option(None, f"train on one modality only, an index into {MODALITIES} (0 = FLAIR); "
-                                       "default: all four", type=int)
+                                       "None: all four", type=int)
     context: int = option(0, "neighbouring slices on each side stacked as extra input channels (2.5D); 0: the slice alone")
     size: int = option(240, "slices are resized to SIZE x SIZE pixels for training")
     crop: str = option("on", "crop each volume to its brain's box before resizing, so the SIZE pixels span the brain",
@@ -59,8 +59,8 @@ class TrainConfig:
     folds: int = option(0, "K-fold cross-validation by patient: fold --fold is the test set, the next fold the "
                            "validation set; 0: one seeded 70/15/15 split")
     fold: int = option(0, "the test fold (0..K-1) with --folds K")
-    cache_dir: str | None = option(None, f"preprocessed arrays are cached here (default {CACHE_DIR})",
-                                   type=str)
+    cache_dir: str | None = option(None, f"preprocessed arrays are cached here; None: $BRATS_CACHE, else "
+                                         f"~/.cache/brats-unet (here {CACHE_DIR})", type=str)
     # model
     base: int = option(32, "U-Net width at the first level (doubles at each level down)")
     depth: int = option(4, "down-sampling steps of the U-Net")

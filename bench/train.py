@@ -1,56 +1,60 @@
-"""Training throughput of train.py as an ablation table: the same model and batch, one fast-path trick added per row.
+"""Training throughput of train.py as an ablation table: the same model and batch shape, one trick added per row.
 
     python bench/train.py                               # CUDA when available: 240 x 240, batch 64, base 32
     python bench/train.py --device cpu --quick          # CPU smoke run: 64 x 64, batch 8, base 8, a few steps
-    python bench/train.py --out bench/train_table.md    # also write the markdown table
+    python bench/train.py --out bench/train_table.md    # also write the markdown report
 
-Rows (each adds one trick to the row above; every row trains the same U-Net on the same batch shape):
-  baseline        eager fp32, a DataLoader over the disk cache (cfg.resident=False, data.DiskSlices)
-  + resident      the training set in device memory (data.load_slices), batches by indexing (data.iterate_batches)
-  + channels_last model and input in channels-last memory format
-  + bf16 autocast
-  + torch.compile of forward + loss
-  + fused loss    the Triton Dice+BCE kernels (loss_backend "triton"; the rows above use "torch")
+Rows, cumulative (each adds one trick to the row above):
+  seed baseline   what users would otherwise run: DataLoader workers read one .h5 slice at a time and z-score
+                  and resize it with OpenCV; fp32, eager, PyTorch's default cuDNN settings
+  + cache         train.py --resident off: workers read the preprocessed disk cache (data.TrainBatches), with
+                  train.py's cuDNN settings (autotuning, TF32)
+  + resident      train.py's default: the training set in device memory, a batch is one indexing
+  + channels_last, + bf16 autocast, + torch.compile of forward + loss, + fused loss (the Triton Dice+BCE kernels)
 
-Every row is built from train.py's own pieces (TrainConfig, build_model, make_optimizer, make_train_step,
-amp_dtype) and data.py's (prepare, split_volumes, DiskSlices, load_slices, iterate_batches, augment); a timed
-step is what train.py's loop does per batch: wait for the batch, augment it, one optimisation step.
+Every row but the first is train.py's own code: data.TrainBatches for the batches, train.build_model,
+train.make_optimizer and train.make_train_step for the step, inference.resolve_speed for the settings; every
+row also runs data.augment on the device. A row is timed as train.py runs: N steps back to back (get the batch,
+one optimisation step) between two clock reads with one device synchronisation at the end, so the CPU queues
+work ahead of the GPU as it does in training. Exit 1 if any row fails; the report says which.
 Data: synthetic phantoms of the real shape, written once under the cache dir.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import traceback
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import data  # noqa: E402
 import fused_dice  # noqa: E402
+import inference  # noqa: E402
 import train  # noqa: E402
+from common import git_commit, machine, sync, utc_now  # noqa: E402
 
-FULL_EPOCH_SLICES = 57_195  # slices of the Kaggle BraTS 2020 training set (369 volumes x 155), 240 x 240
+KAGGLE_SLICES = 57_195  # slices of the Kaggle BraTS 2020 training set (369 volumes x 155)
+SAMPLE_BRAIN_FRACTION = 1937 / 2170  # slices with brain in the 14-case BraTS sample (measured by data.prepare)
 
-# (key, label, fields changed from the row above). Cumulative: row k has the changes of rows 0..k.
+# (key, label, TrainConfig fields changed from the row above). Cumulative: row k has the changes of rows 0..k.
 ROWS = [
-    ("baseline", "eager fp32, DataLoader over disk cache (baseline)",
-     dict(resident=False, channels_last="off", amp="off", compile="off", loss_backend="torch")),
-    ("resident", "+ resident data (load_slices + iterate_batches)", dict(resident=True)),
+    ("seed", "seed baseline: DataLoader over .h5 slices, OpenCV per slice, fp32, eager",
+     dict(resident="off", channels_last="off", amp="off", compile="off", loss_backend="torch")),
+    ("cache", "+ preprocessed cache (train.py --resident off), cuDNN autotune + TF32", {}),
+    ("resident", "+ resident on the device (train.py default)", dict(resident="on")),
     ("channels_last", "+ channels_last", dict(channels_last="on")),
     ("bf16", "+ bf16 autocast", dict(amp="bf16")),
     ("compile", "+ torch.compile", dict(compile="on")),
@@ -58,22 +62,14 @@ ROWS = [
 ]
 
 # defaults: (full run, --quick)
-DEFAULTS = {
-    "size": (240, 64),
-    "batch_size": (64, 8),
-    "base": (32, 8),
-    "steps": (30, 8),
-    "warmup": (10, 3),
-    # full: 8 volumes x 155 slices -> ~6 training volumes, several hundred slices (writing and caching them is
-    # CPU work, well under a minute or two); quick: small volumes, a few seconds to build
-    "data": ("synthetic:8x155", "synthetic:6x24"),
-}
+DEFAULTS = {"size": (240, 64), "batch_size": (64, 8), "base": (32, 8), "steps": (30, 8), "warmup": (10, 3),
+            "data": ("synthetic:6x80", "synthetic:6x24")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/train.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = argparse.ArgumentParser(prog="bench/train.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--size", type=int, default=None, help="slice side in pixels (default 240; --quick 64)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64; --quick 8")
     p.add_argument("--base", type=int, default=None, help="U-Net width at the first level (default 32; --quick 8)")
@@ -82,16 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per row before timing (default 10; --quick 3)")
     p.add_argument("--data", default=None, help=f"synthetic:VOLUMESxSLICES (default {DEFAULTS['data'][0]}; --quick {DEFAULTS['data'][1]})")
     p.add_argument("--cache-dir", default=None, help=f"default {data.default_cache_dir()}")
-    p.add_argument("--workers", type=int, default=train.TrainConfig.workers, help="DataLoader workers of the baseline row")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 on the CPU, where a few shared cores make multi-threaded eager steps "
-                        "stall on busy cores; torch's own default with CUDA; 0: torch's default)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the two DataLoader rows")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--profile-steps", type=int, default=5, help="CUDA: extra steps under torch.profiler for 'GPU busy'")
-    p.add_argument("--warm-cache", action="store_true",
-                   help="compile with the usual on-disk inductor/Triton caches (default: each compiled row starts from "
-                        "empty caches in a temporary folder, so its compile time is a cold compile's)")
-    p.add_argument("--skip-compile", action="store_true",
-                   help="skip the torch.compile rows (compiling takes about a minute on a 2-core CPU)")
+    p.add_argument("--rows", default=",".join(k for k, _, _ in ROWS), help="comma-separated rows to run")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke run for the CPU")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     args = p.parse_args(argv)
@@ -101,128 +91,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("size", "batch_size", "base", "depth", "steps", "warmup"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    unknown = set(args.rows.split(",")) - {k for k, _, _ in ROWS}
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)}")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Machine, clocks, memory
+# The seed baseline's data path: not train.py's (that is the point), so it lives here
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return sha + (" (+ uncommitted changes)" if dirty else "")
-    except Exception as e:  # no git, not a repository, ...
-        return f"unknown ({type(e).__name__})"
+class H5Slices(torch.utils.data.Dataset):
+    """One Kaggle-layout .h5 slice per item, z-scored over its non-zero pixels and resized with OpenCV, as a
+    DataLoader-based pipeline typically does it: (image float32 (C, size, size), mask uint8 (size, size))."""
+
+    def __init__(self, files: list, size: int, channels: list[int]):
+        self.files, self.size, self.channels = files, size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import h5py
+
+        with h5py.File(self.files[i], "r") as f:
+            image, mask = f["image"][()][..., self.channels], f["mask"][()].any(-1).astype(np.uint8)
+        brain = image != 0
+        for c in range(image.shape[-1]):
+            v = image[..., c][brain[..., c]]
+            if v.size:
+                image[..., c] = np.where(brain[..., c], (image[..., c] - v.mean()) / (v.std() + 1e-6), 0)
+        image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask)
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except Exception:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def seed_batches(cache: data.Cache, volume_ids: list[str], cfg: train.TrainConfig, device: torch.device):
+    """Endless (x float32, y uint8 (B, 1, H, W)) batches of the seed baseline, augmented on the device."""
+    groups = data.list_h5(Path(cache.meta["root"]))
+    files = [f for v in volume_ids for f in groups[v]]
+    loader = torch.utils.data.DataLoader(H5Slices(files, cfg.size, train.channel_list(cfg.channel)),
+                                         batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=cfg.workers > 0)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    while True:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).unsqueeze(1)
+            yield data.augment(x, y, generator)
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host CPU {cpu_model()}, {os.cpu_count()} cores"
-    return f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {load_average()}"
+def train_batches(batches: data.TrainBatches):
+    """Endless batches of train.py's own batch source, epoch after epoch."""
+    epoch = 0
+    while True:
+        epoch += 1
+        yield from batches.epoch(epoch)
 
 
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min)"
-    except OSError:
-        return "n/a"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class RssPeak:
-    """Peak resident set size of this process above its value at start, sampled every 5 ms by a thread."""
-
-    def __init__(self) -> None:
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "RssPeak":
-        try:
-            self.start = self.peak = rss_bytes()
-        except (OSError, ValueError):
-            return self  # no /proc: leave it unmeasured
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def growth(self) -> int | None:
-        return self.peak - self.start if self._thread is not None else None
+# ----------------------------------------------------------------------------------------------------------
+# Measuring
 
 
 def matmul_peak(device: torch.device) -> tuple[float, str]:
     """Measured matmul rate in FLOP/s: bf16 8192^3 on CUDA, fp32 2048^3 on the CPU."""
-    if device.type == "cuda":
-        n, dtype, reps = 8192, torch.bfloat16, 20
-    else:
-        n, dtype, reps = 2048, torch.float32, 3
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    n, dtype, reps = (8192, torch.bfloat16, 20) if device.type == "cuda" else (2048, torch.float32, 3)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         torch.matmul(a, b)
-    times = []
+    sync(device)
+    t = time.perf_counter()
     for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
         torch.matmul(a, b)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    rate = 2 * n**3 / statistics.median(times)
-    del a, b
-    return rate, f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} torch.matmul {n}x{n}x{n}, median of {reps}"
+    sync(device)
+    rate = 2 * n**3 * reps / (time.perf_counter() - t)
+    return rate, f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} torch.matmul {n}^3, {reps} back to back"
 
 
 def step_flops(cfg: train.TrainConfig, device: torch.device) -> int:
     """FLOPs of the model's forward + backward on one batch, counted by FlopCounterMode (convolutions and matmuls)."""
     model = train.build_model(cfg).to(device).train()
-    x = torch.randn(cfg.batch_size, len(train.channel_list(cfg.channel)), cfg.size, cfg.size, device=device)
+    x = torch.randn(cfg.batch_size, model.cfg.in_channels, cfg.size, cfg.size, device=device)
     with FlopCounterMode(display=False) as counter:
         model(x).float().sum().backward()
-    flops = counter.get_total_flops()
-    del model, x
-    return flops
+    return counter.get_total_flops()
 
 
 def gpu_busy(step_once, n: int, device: torch.device) -> float:
@@ -240,276 +192,160 @@ def gpu_busy(step_once, n: int, device: torch.device) -> float:
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
     busy, end = 0.0, -math.inf
     for s, e in spans:  # union of intervals, in microseconds
-        if e <= end:
-            continue
-        busy += e - max(s, end)
-        end = e
+        if e > end:
+            busy += e - max(s, end)
+            end = e
     return busy / 1e6 / wall
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One row
+def run_row(key: str, cfg: train.TrainConfig, device: torch.device, cache: data.Cache, split: dict, args) -> dict:
+    """Build the row's batches and step, warm up, time args.steps steps back to back."""
+    speed = inference.resolve_speed(device, cfg.amp, cfg.channels_last, cfg.compile)
+    if key == "seed":
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = False, False  # PyTorch's defaults
+        batches = seed_batches(cache, split["train"], cfg, device)
+    else:
+        if device.type == "cuda":
+            train.tune_cuda()
+        batches = train_batches(data.TrainBatches(
+            cache, split["train"], train.channel_list(cfg.channel), device, cfg.batch_size, context=cfg.context,
+            resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed))
+    torch.manual_seed(cfg.seed)
+    model = train.build_model(cfg).to(device)
+    if speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer, scheduler = train.make_optimizer(model, cfg, device, args.warmup + args.steps + args.profile_steps, 1)
+    train_step = train.make_train_step(model, optimizer, scheduler, train.make_scaler(device, speed), cfg, device, speed)
 
+    def one_step() -> torch.Tensor:
+        x, y = next(batches)
+        return train_step(x, y)[0]
 
-def forever(make_iter):
-    while True:
-        yield from make_iter()
-
-
-def run_row(cfg: train.TrainConfig, device: torch.device, cache: data.Cache, split: dict, state: dict, args) -> dict:
-    """Warm up, time `args.steps` steps (each: wait for the batch, augment, optimisation step), measure memory."""
-    channels = train.channel_list(cfg.channel)
-    dtype = train.amp_dtype(cfg.amp, device)
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    if use_compile:
-        torch._dynamo.reset()  # each compiled row pays its own compilation
-        if not args.warm_cache:  # ... from empty on-disk caches (both are read from the environment when used)
-            fresh = tempfile.mkdtemp(dir=state["compile_cache_root"])
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(fresh, "inductor")
-            os.environ["TRITON_CACHE_DIR"] = os.path.join(fresh, "triton")
-    gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rss = RssPeak() if device.type == "cpu" else None
-    if rss is not None:
-        rss.__enter__()
-    loader = batches = None
-    try:
-        # --- batches, as train.py's loop gets them
-        if cfg.resident:
-            if "train_set" not in state:
-                state["train_set"] = data.load_slices(cache, split["train"], channels, device)
-            train_set = state["train_set"]
-            generator = torch.Generator(device=train_set.images.device).manual_seed(cfg.seed)
-            batches = forever(lambda: data.iterate_batches(train_set, cfg.batch_size, generator, device))
-        else:
-            disk_set = data.DiskSlices(cache, split["train"], channels)
-            torch.manual_seed(cfg.seed)
-            loader = torch.utils.data.DataLoader(
-                disk_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, num_workers=cfg.workers,
-                pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
-
-            def loader_epoch():
-                for x, y in loader:
-                    yield x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True).unsqueeze(1).float()
-            batches = forever(loader_epoch)
-        aug_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-
-        # --- model, optimiser, step: train.py's own
-        torch.manual_seed(cfg.seed)
-        model = train.build_model(cfg).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.train()
-        total = args.warmup + args.steps + args.profile_steps
-        optimizer, scheduler = train.make_optimizer(model, cfg, device, total, 1)
-        step = train.make_train_step(model, optimizer, scheduler, cfg, device, dtype, channels_last, use_compile)
-
-        def one_step() -> tuple[float, float, torch.Tensor]:
-            sync(device)
-            t0 = time.perf_counter()
-            x, y = next(batches)
-            sync(device)
-            t1 = time.perf_counter()
-            if cfg.augment:
-                x, y = data.augment(x, y, aug_generator, affine=cfg.affine, intensity=cfg.intensity)
-            loss, _ = step(x, y)
-            sync(device)
-            return t1 - t0, time.perf_counter() - t0, loss
-
-        warm = [one_step()[1] for _ in range(args.warmup)]
-        waits, times = [], []
-        t_start = time.perf_counter()
-        for _ in range(args.steps):
-            w, t, loss = one_step()
-            waits.append(w)
-            times.append(t)
-        wall = time.perf_counter() - t_start
-        final_loss = float(loss.detach().float())
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        busy = None
-        if device.type == "cuda" and args.profile_steps > 0:
-            try:
-                busy = gpu_busy(lambda: one_step(), args.profile_steps, device)
-            except Exception as e:  # the profiler is optional; say why it is missing
-                busy = f"n/a ({type(e).__name__})"
-                print(f"GPU busy not measured: {type(e).__name__}: {e}", file=sys.stderr)
-    finally:
-        if rss is not None:
-            rss.__exit__(None, None, None)
-        if batches is not None:
-            batches.close()
-        loader = batches = None  # stops the persistent DataLoader workers before the next row
-        gc.collect()
-    return {
-        "slices_per_s": args.steps * cfg.batch_size / wall,
-        "median_s": statistics.median(times),
-        "first_step_s": warm[0] if warm else None,
-        "warmup_s": sum(warm),
-        "wait_frac": sum(waits) / sum(times),
-        "peak_bytes": peak if peak is not None else (rss.growth if rss is not None else None),
-        "busy": busy,
-        "loss": final_loss,
-        "compiled": use_compile,
-    }
+    t0 = time.perf_counter()
+    one_step()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        one_step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = one_step()
+    sync(device)
+    wall = time.perf_counter() - t0
+    busy = None
+    if device.type == "cuda" and args.profile_steps > 0:
+        busy = gpu_busy(one_step, args.profile_steps, device)
+    result = {"slices_per_s": args.steps * cfg.batch_size / wall, "step_s": wall / args.steps, "first_step_s": first,
+              "loss": float(loss.detach()), "busy": busy, "compiled": speed.compile,
+              "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    batches.close()  # stops DataLoader workers before the next row
+    return result
 
 
-def skip_reason(key: str, device: torch.device, args) -> str | None:
+def skip_reason(key: str, device: torch.device) -> str | None:
     if key == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
-    if key == "fused":
-        if not fused_dice.HAS_TRITON:
-            return "triton is not installed"
-        if device.type != "cuda":
-            return "on the CPU the Triton kernels run only in the interpreter (TRITON_INTERPRET=1): far too slow to time"
-    if key in ("compile", "fused") and args.skip_compile:
-        return "--skip-compile"
+    if key == "fused" and device.type != "cuda":
+        return "on the CPU the Triton kernels run only in the interpreter: far too slow to time"
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def fmt_mem(row: dict, device: torch.device) -> str:
-    b = row["peak_bytes"]
-    if b is None:
-        return "n/a"
-    return f"{b / 2**20:,.0f} MiB" if device.type == "cuda" else f"+{b / 2**20:,.0f} MiB RSS"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        device = train.resolve_device(args.device)
-    except data.DataError as e:
-        print(f"bench/train.py: error: {e}", file=sys.stderr)
-        return 2
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if device.type == "cuda":  # as train.py's main() sets them
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    base_cfg = dataclasses.replace(
-        train.TrainConfig(), data=args.data, size=args.size, batch_size=args.batch_size, base=args.base, depth=args.depth,
-        workers=args.workers, device=device.type, cache_dir=args.cache_dir)
-    try:
-        kind, _ = data.parse_source(args.data)
+        device = inference.resolve_device(args.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        base_cfg = dataclasses.replace(
+            train.TrainConfig(), data=args.data, size=args.size, batch_size=args.batch_size, base=args.base,
+            depth=args.depth, workers=args.workers, device=str(device), cache_dir=args.cache_dir, crop="off")
         t = time.perf_counter()
-        cache = data.prepare(args.data, args.size, args.cache_dir)
+        cache = data.prepare(args.data, args.size, args.cache_dir, crop_to_brain=False)
         prep_s = time.perf_counter() - t
         split = data.split_volumes(cache.volume_ids, base_cfg.seed)
-    except data.DataError as e:
+    except data.UserError as e:
         print(f"bench/train.py: error: {e}", file=sys.stderr)
         return 2
     n_train = sum(len(cache.volume(v)["slices"]) for v in split["train"])
     if n_train < args.batch_size:
-        print(f"bench/train.py: error: the training split has {n_train} slices, fewer than --batch-size {args.batch_size}; "
-              "use more volumes or slices in --data", file=sys.stderr)
+        print(f"bench/train.py: error: the training split has {n_train} slices, fewer than --batch-size "
+              f"{args.batch_size}; use more volumes or slices in --data", file=sys.stderr)
         return 2
-    n_ch = len(train.channel_list(base_cfg.channel))
-
     flops = step_flops(base_cfg, device)
     peak_rate, peak_desc = matmul_peak(device)
-
     header = [
         f"machine: {machine(device)}",
-        f"date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; torch {torch.__version__}; "
-        f"git commit {git_commit()}",
-        f"workload: U-Net base {args.base} depth {args.depth}, {n_ch} channels, batch {args.batch_size} x {args.size}x{args.size}; "
-        f"data {args.data} ({kind}, {n_train} training slices, cache {cache.root}, ready in {prep_s:.1f} s); "
-        f"{args.warmup} warm-up + {args.steps} timed steps per row; baseline DataLoader workers {args.workers}",
+        f"date: {utc_now()}; torch {torch.__version__}; git commit {git_commit()}",
+        f"workload: U-Net base {args.base} depth {args.depth}, 4 channels, batch {args.batch_size} x {args.size}x{args.size}; "
+        f"data {args.data} ({n_train} training slices with brain, cache ready in {prep_s:.1f} s); "
+        f"{args.warmup} warm-up + {args.steps} timed steps per row; DataLoader workers {args.workers}",
         f"model FLOPs per step (forward + backward, FlopCounterMode): {flops / 1e9:,.1f} GFLOP; "
         f"peak rate for MFU: {peak_rate / 1e12:,.2f} TFLOP/s measured ({peak_desc})",
     ]
     print("\n".join(header), flush=True)
 
-    rows, cfg, state = [], base_cfg, {}
-    saved_env = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    compile_tmp = tempfile.TemporaryDirectory(prefix="bench-train-compile-")
-    state["compile_cache_root"] = compile_tmp.name
+    rows, cfg, chosen = [], base_cfg, args.rows.split(",")
     for key, label, change in ROWS:
         cfg = dataclasses.replace(cfg, **change)
-        reason = skip_reason(key, device, args)
+        reason = "not in --rows" if key not in chosen else skip_reason(key, device)
         if reason:
             print(f"[{key}] skipped: {reason}", flush=True)
             rows.append((key, label, None, f"skipped: {reason}"))
             continue
         print(f"[{key}] {label} ...", flush=True)
         try:
-            r = run_row(cfg, device, cache, split, state, args)
+            r = run_row(key, cfg, device, cache, split, args)
         except Exception as e:
             traceback.print_exc()
-            msg = str(e).splitlines()[0] if str(e) else ""
-            rows.append((key, label, None, f"failed: {type(e).__name__}: {msg[:120]}"))
+            rows.append((key, label, None, f"FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"))
             continue
-        print(f"[{key}] {r['slices_per_s']:,.1f} slices/s, median step {r['median_s'] * 1e3:.1f} ms, loss {r['loss']:.4f}", flush=True)
+        finally:
+            gc.collect()
+        print(f"[{key}] {r['slices_per_s']:,.1f} slices/s, {r['step_s'] * 1e3:.1f} ms/step, loss {r['loss']:.4f}", flush=True)
         rows.append((key, label, r, None))
-    state.clear()
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    compile_tmp.cleanup()
 
-    base = next((r for k, _, r, _ in rows if k == "baseline" and r), None)
-    lines = ["| configuration | slices/s | step (median ms) | speed-up | peak memory | MFU | data wait | GPU busy |",
+    base = next((r for k, _, r, _ in rows if k == "seed" and r), None)
+    resident_fp32 = next((r for k, _, r, _ in rows if k == "resident" and r), None)
+    lines = ["| configuration | slices/s | ms/step | vs seed baseline | vs eager fp32 resident | peak memory | MFU | GPU busy |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label, r, note in rows:
         if r is None:
             lines.append(f"| {label} | {note} | | | | | | |")
             continue
-        speed = f"{r['slices_per_s'] / base['slices_per_s']:.2f}x" if base else "n/a"
-        mfu = flops / r["median_s"] / peak_rate
-        busy = r["busy"] if isinstance(r["busy"], str) else ("n/a" if r["busy"] is None else f"{100 * r['busy']:.0f}%")
-        lines.append(f"| {label} | {r['slices_per_s']:,.1f} | {r['median_s'] * 1e3:,.1f} | {speed} | {fmt_mem(r, device)} | "
-                     f"{100 * mfu:.1f}% | {100 * r['wait_frac']:.0f}% | {busy} |")
-    notes = []
-    compiled = [(label, r) for _, label, r, _ in rows if r and r["compiled"]]
-    for label, r in compiled:
-        notes.append(f"compile time ({label}): first compiled step {r['first_step_s']:.1f} s; all {args.warmup} warm-up "
-                     f"steps {r['warmup_s']:.1f} s against a steady step of {r['median_s'] * 1e3:.1f} ms; "
-                     + ("on-disk inductor/Triton caches as found (may be warm)" if args.warm_cache else
-                        "from empty inductor/Triton on-disk caches (cold compile)"))
-    if not compiled:
-        notes.append("compile time: not measured (no torch.compile row ran)")
+        rel = [f"{r['slices_per_s'] / b['slices_per_s']:.2f}x" if b else "n/a" for b in (base, resident_fp32)]
+        mem = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if r["peak_bytes"] is not None else "n/a"
+        busy = "n/a" if r["busy"] is None else f"{100 * r['busy']:.0f}%"
+        lines.append(f"| {label} | {r['slices_per_s']:,.1f} | {r['step_s'] * 1e3:,.1f} | {rel[0]} | {rel[1]} | {mem} | "
+                     f"{100 * flops / r['step_s'] / peak_rate:.1f}% | {busy} |")
+    failed = [k for k, _, r, note in rows if note and note.startswith("FAILED")]
+    notes = [f"rows failed: {', '.join(failed)}" if failed else "rows failed: none"]
+    notes += [f"compile ({label}): first step {r['first_step_s']:.1f} s (compilation, caches as found) against a "
+              f"steady {r['step_s'] * 1e3:.1f} ms" for _, label, r, _ in rows if r and r["compiled"]]
     done = [(label, r) for _, label, r, _ in rows if r]
-    if done:
+    if done and args.size == data.RAW_SIZE:
         label, fastest = max(done, key=lambda lr: lr[1]["slices_per_s"])
-        if args.size == data.RAW_SIZE:
-            secs = FULL_EPOCH_SLICES / fastest["slices_per_s"]
-            notes.append(f"full-size epoch estimate: {FULL_EPOCH_SLICES:,} slices at 240x240 / {fastest['slices_per_s']:,.1f} slices/s "
-                         f"({label}) = {secs:,.0f} s ({secs / 60:.1f} min) per epoch at batch {args.batch_size}, base "
-                         f"{args.base}: an estimate from measured steps on synthetic data of the same shape")
-        else:
-            notes.append(f"full-size epoch estimate: not made, this run measured {args.size}x{args.size} slices, not 240x240")
+        split_slices = 0.7 * KAGGLE_SLICES * SAMPLE_BRAIN_FRACTION
+        notes.append(f"Kaggle-scale epoch: the training split is ~{split_slices:,.0f} slices (70% of {KAGGLE_SLICES:,}, "
+                     f"{100 * SAMPLE_BRAIN_FRACTION:.1f}% with brain as in the BraTS sample); at the measured "
+                     f"{fastest['slices_per_s']:,.0f} slices/s ({label}) an epoch after the first takes "
+                     f"{split_slices / fastest['slices_per_s']:.1f} s (computed from the measured rate)")
     notes += [
-        "slices/s: timed steps x batch / their wall time; a step = wait for the batch + data.augment + one optimisation "
-        "step (train.make_train_step), with a device synchronisation before each clock read",
-        f"speed-up: slices/s over the baseline row; MFU: model FLOPs per step / median step time / the measured "
-        f"{'bf16' if device.type == 'cuda' else 'fp32'} matmul rate above",
-        "data wait: share of step time spent getting the next batch onto the device",
-        ("peak memory: torch.cuda.max_memory_allocated during the row (the resident rows include the training set "
-         f"held on the GPU, {n_train * (n_ch + 1) * args.size**2 * 2 / 2**20:,.0f} MiB)") if device.type == "cuda" else
-        ("peak memory: growth of this process's resident set size over the row, sampled every 5 ms (DataLoader "
-         "workers are other processes and not counted; memory freed by earlier rows and kept by the allocator "
-         "hides part of the growth)"),
-        (f"GPU busy: union of kernel and copy intervals under torch.profiler over {args.profile_steps} extra steps / "
-         "their wall time (the profiler's own host overhead makes it a lower bound)") if device.type == "cuda" else
-        "GPU busy: n/a on the CPU",
+        "slices/s: timed steps x batch / wall time of the steps run back to back, one synchronisation at the end",
+        f"MFU: model FLOPs per step / step time / the {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate above",
+        "peak memory: torch.cuda.max_memory_allocated over the row (the resident rows hold the training set on the GPU)",
+        f"GPU busy: union of kernel and copy intervals under torch.profiler over {args.profile_steps} extra steps / "
+        "their wall time (a lower bound: the profiler adds host overhead)",
     ]
-    if device.type == "cpu":
-        notes.append(f"load average at the end of the run: {load_average()} (other jobs share this machine's cores)")
     report = "\n".join(header) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    print()
-    print(report)
+    print("\n" + report)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
-    return 0
+        with data.atomic_path(Path(args.out)) as tmp:
+            tmp.write_text(report)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

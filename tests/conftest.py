@@ -44,14 +44,25 @@ def write_h5_slices(folder: Path, volume: int, image: np.ndarray, label: np.ndar
             f.create_dataset("mask", data=np.stack([label[s] == 1, label[s] == 2, label[s] == 4], -1).astype(np.uint8))
 
 
+KAGGLE_ORDER = ("flair", "t1", "t1ce", "t2")  # the channel order of the Kaggle .h5 files (README, "Channel order")
+
+
+def read_case_with_nibabel(case_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A case read with nibabel alone, not data.py: image (z, x, y, 4) float32 in KAGGLE_ORDER, label (z, x, y)."""
+    import nibabel as nib
+
+    def load(modality: str) -> np.ndarray:
+        return np.asarray(nib.load(str(case_dir / f"{case_dir.name}_{modality}.nii.gz")).dataobj).transpose(2, 0, 1)
+
+    return np.stack([load(m) for m in KAGGLE_ORDER], -1).astype(np.float32), load("seg").astype(np.uint8)
+
+
 @pytest.fixture(scope="session")
 def real_h5(sample_dir, tmp_path_factory) -> Path:
-    """Kaggle-layout .h5 files written from three real NIfTI cases (every 4th slice of the middle 64)."""
-    import data
-
+    """Kaggle-layout .h5 files written from three real cases read with nibabel (every 4th slice of the middle 64)."""
     root = tmp_path_factory.mktemp("h5real")
     folder = root / "BraTS2020_training_data" / "content" / "data"
     for v, case in enumerate(SAMPLE_CASES, start=1):
-        image, label, _, _ = data.read_nifti_case(sample_dir / case)
+        image, label = read_case_with_nibabel(sample_dir / case)
         write_h5_slices(folder, v, image, label, range(45, 109, 4))
     return root

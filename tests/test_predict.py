@@ -16,8 +16,8 @@ import data
 import inference
 import predict
 import train
+from conftest import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brats-sample"
 GOOD = "Brats18_2013_11_1"  # has a _seg file
 OTHER = "Brats18_2013_3_1"  # copied without its t1ce
 

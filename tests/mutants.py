@@ -1,0 +1,148 @@
+"""Plant one bug at a time in a copy of the code and check that the tests meant to see it fail.
+
+    python tests/mutants.py                 # every mutant (~20 min on 2 cores)
+    python tests/mutants.py affine nan      # the mutants whose names contain these words
+
+A mutant is (name, file, old text, new text, tests to run); `old` must occur in the file (a mutant that no longer
+applies is reported as STALE, so the list follows the code). Not a test itself: pytest does not collect it.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MUTANTS = [
+    # data: pairing, epochs, ranks, context
+    ("masks paired with other slices", "data.py", "self.slices.masks[idx]) for idx", "self.slices.masks[idx.flip(0)]) for idx",
+     "tests/test_batches.py"),
+    ("an epoch repeats its first batch", "data.py", "for idx in order.split(self.batch_size))",
+     "for idx in [order[:self.batch_size]] * (len(order) // self.batch_size))", "tests/test_batches.py"),
+    ("never shuffles", "data.py", "torch.randperm(n, generator=generator)[rank::world]", "torch.arange(n)[rank::world]",
+     "tests/test_batches.py"),
+    ("every rank draws the same slices", "data.py", "torch.randperm(n, generator=generator)[rank::world]",
+     "torch.randperm(n, generator=generator)[::world]", "tests/test_batches.py"),
+    ("context neighbours in reverse", "data.py", "offsets = torch.arange(-context, context + 1)",
+     "offsets = torch.arange(context, -context - 1, -1)", "tests/test_batches.py"),
+    ("DataLoader path serves the next slice's mask", "data.py", "torch.from_numpy(np.array(masks[k]))",
+     "torch.from_numpy(np.array(masks[min(k + 1, len(masks) - 1)]))", "tests/test_batches.py"),
+    ("DataLoader path raises", "data.py", "        return iter(self.order)", "        raise RuntimeError('planted')",
+     "tests/test_batches.py tests/test_train.py"),
+    ("affine warps the image, not the mask", "data.py",
+     "y = F.grid_sample(y.to(x.dtype), grid, mode=\"nearest\", align_corners=False).to(torch.uint8)", "y = y",
+     "tests/test_batches.py"),
+    ("augmentation moves image and mask apart", "data.py",
+     "x, y = torch.where(t, x.transpose(-1, -2), x), torch.where(t, y.transpose(-1, -2), y)",
+     "x, y = torch.where(t, x.transpose(-1, -2), x), y", "tests/test_batches.py tests/test_data.py"),
+    # data: readers and preprocessing
+    ("NIfTI reader swaps x and y (image and label)", "data.py", "transpose(2, 0, 1, 3)  # (x, y, z, c) -> (z, x, y, c)",
+     "transpose(2, 1, 0, 3)", "tests/test_anatomy.py"),
+    ("NIfTI modalities stacked in another order", "data.py", "image = np.stack(vols, -1)", "image = np.stack(vols[::-1], -1)",
+     "tests/test_anatomy.py"),
+    ("images transposed in preprocessing, masks not", "data.py", "images.transpose(0, 3, 1, 2)",
+     "images.transpose(0, 3, 2, 1)", "tests/test_anatomy.py"),
+    ("masks resized by averaging", "data.py", "interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA",
+     "interp = cv2.INTER_AREA", "tests/test_anatomy.py"),
+    ("crop box pasted back with x and y swapped", "data.py", "out[:, x0:x0 + side, y0:y0 + side] = values",
+     "out[:, y0:y0 + side, x0:x0 + side] = values", "tests/test_anatomy.py tests/test_predict.py"),
+    ("cache not rebuilt when a source file changes", "data.py",
+     'h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\\n".encode())', 'h.update(f"{p.resolve()}\\n".encode())',
+     "tests/test_data.py"),
+    # training
+    ("optimiser never steps", "train.py", "        scaler.step(optimizer)\n", "", "tests/test_train.py"),
+    ("training always stops after epoch 1", "train.py", "while progress.epoch <= cfg.epochs and",
+     "while progress.epoch <= 1 and", "tests/test_train.py"),
+    ("training on the test patients", "train.py", "cache, split[\"train\"], channels, run.device, batch_size,",
+     "cache, split[\"train\"] + split[\"test\"], channels, run.device, batch_size,", "tests/test_train.py"),
+    ("validation Dice pooled over volumes", "train.py",
+     "\"val_dice\": metrics.nanmean(metrics.dice_from_counts(*per_volume).tolist())",
+     "\"val_dice\": metrics.dice_from_counts(*[c.sum() for c in per_volume]).item()", "tests/test_evaluation.py"),
+    # evaluation
+    ("post-processing search picks the worst", "inference.py", "if score > best[2] + 1e-9:",
+     "if best[2] < 0 or score < best[2] - 1e-9:", "tests/test_evaluation.py"),
+    ("largest-3D rule keeps the smallest component", "metrics.py", "return labels == sizes.argmax()",
+     "return labels == sizes[1:].argmin() + 1", "tests/test_evaluation.py"),
+    ("6- instead of 26-connectivity", "metrics.py", "structure=np.ones((3, 3, 3), bool)", "structure=None",
+     "tests/test_evaluation.py"),
+    ("4- instead of 8-connectivity in 2D", "metrics.py",
+     "cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)",
+     "cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=4)", "tests/test_evaluation.py"),
+    ("volume Dice replaced by mean slice Dice", "train.py", "\"dice\": metrics.dice_score(pred[None], truth[None]).item(),",
+     "\"dice\": metrics.nanmean(dice.tolist()),", "tests/test_evaluation.py"),
+    ("false-positive slices never counted", "train.py", "fp += metrics.false_positive_slices(pred, truth)", "fp += 0",
+     "tests/test_evaluation.py"),
+    # loss
+    ("batch and image modes swapped everywhere", "fused_dice.py",
+     [("rows = x.shape[0] if mode == \"image\" else 1", "rows = x.shape[0] if mode == \"batch\" else 1"),
+      ("(1.0 / n_samples if mode == \"image\" else 1.0)", "(1.0 / n_samples if mode == \"batch\" else 1.0)"),
+      ("IMAGE=mode == \"image\", RN=", "IMAGE=mode == \"batch\", RN="),
+      ("IMAGE=mode == \"image\", BLOCK=", "IMAGE=mode == \"batch\", BLOCK=")], None, "tests/test_fused_dice.py"),
+    # predict
+    ("predict ignores the checkpoint's threshold", "inference.py",
+     "threshold=float(np.median([c[\"threshold\"] for c in ckpts])),", "threshold=0.5,", "tests/test_predict.py"),
+    ("predict ignores the checkpoint's minimum component", "inference.py",
+     "min_component=int(np.median([c[\"min_component\"] for c in ckpts])),", "min_component=0,", "tests/test_predict.py"),
+    ("predict ignores the checkpoint's largest-3D rule", "inference.py",
+     "largest_3d=2 * sum(bool(c[\"largest_3d\"]) for c in ckpts) > len(ckpts))", "largest_3d=False)",
+     "tests/test_predict.py"),
+    ("predict reverses the channels", "inference.py", "images[:, self.channels]", "images[:, self.channels[::-1]]",
+     "tests/test_predict.py"),
+    ("predict drops the sigmoid", "inference.py",
+     "total = torch.sigmoid(logits) if total is None else total + torch.sigmoid(logits)",
+     "total = logits if total is None else total + logits", "tests/test_predict.py"),
+    # figures
+    ("overlays without colours", "figures.py",
+     "rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)", "pass", "tests/test_figures.py"),
+    ("montages without outlines", "figures.py", "        ax.plot(pts[:, 0], pts[:, 1], color=colour, linewidth=0.9)",
+     "        pass", "tests/test_figures.py"),
+    # resume
+    ("resume forgets the optimiser state", "train.py", "    optimizer.load_state_dict(state[\"optimizer\"])\n", "",
+     "tests/test_resume.py"),
+    ("SIGINT saves one batch too few", "train.py", "progress.batch, progress.totals, progress.seconds = b + 1,",
+     "progress.batch, progress.totals, progress.seconds = b,", "tests/test_resume.py"),
+    ("a non-finite loss goes unnoticed", "train.py", "if 0 <= first_bad < math.inf:", "if False:", "tests/test_resume.py"),
+]
+
+
+def run_mutant(name: str, file: str, old, new, tests: str, work: Path) -> str:
+    """Apply the mutant to a fresh copy of the code, run its tests; CAUGHT when they fail."""
+    for p in ROOT.iterdir():
+        if p.suffix == ".py":
+            shutil.copy(p, work / p.name)
+    shutil.rmtree(work / "tests", ignore_errors=True)
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    text = (work / file).read_text()
+    for o, n in (old if isinstance(old, list) else [(old, new)]):
+        if o not in text:
+            return "STALE (the text to replace is gone)"
+        text = text.replace(o, n)
+    (work / file).write_text(text)
+    # the real sample lives beside the repository: point the copy's conftest at it
+    conftest = work / "tests" / "conftest.py"
+    conftest.write_text(conftest.read_text().replace('ROOT.parent / "shared"', f'Path({str(ROOT.parent)!r}) / "shared"'))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests.split()],
+                          cwd=work, capture_output=True, text=True)
+    failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+    return f"CAUGHT by {failed[0] if failed else 'an error'}" if proc.returncode else "MISSED"
+
+
+def main(words: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not words or any(w in m[0] for w in words)]
+    missed = 0
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        for name, file, old, new, tests in chosen:
+            t = time.perf_counter()
+            verdict = run_mutant(name, file, old, new, tests, Path(tmp))
+            missed += not verdict.startswith("CAUGHT")
+            print(f"{verdict:<90} {name} ({file}, {time.perf_counter() - t:.0f} s)", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} mutants caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
