@@ -7,16 +7,20 @@ import pytest
 import torch
 
 import data
-from conftest import SAMPLE_CASES, write_h5_slices
+from conftest import SAMPLE_CASES, read_case_with_nibabel, write_h5_slices
 
 
-def test_h5_reader_matches_nifti_reader_on_real_slices(sample_dir, real_h5):
+def test_h5_and_nifti_readers_give_the_raw_files(sample_dir, real_h5):
+    """Both readers against the files read with nibabel alone (the .h5 files were written from those arrays)."""
     groups = data.list_h5(real_h5)
     assert list(groups) == ["1", "2", "3"] and len(groups["1"]) == 16
     image, label = data.read_h5_volume(groups["2"])
+    raw_image, raw_label = read_case_with_nibabel(sample_dir / SAMPLE_CASES[1])
+    np.testing.assert_array_equal(image, raw_image[45:109:4])
+    np.testing.assert_array_equal(label, raw_label[45:109:4])
     ref_image, ref_label, affine, spacing = data.read_nifti_case(sample_dir / SAMPLE_CASES[1])
-    np.testing.assert_array_equal(image, ref_image[45:109:4])
-    np.testing.assert_array_equal(label, ref_label[45:109:4])
+    np.testing.assert_array_equal(ref_image, raw_image)
+    np.testing.assert_array_equal(ref_label, raw_label)
     assert set(np.unique(label)) <= {0, 1, 2, 4} and label.max() > 0
     assert ref_image.shape == (155, 240, 240, 4) and spacing == (1.0, 1.0, 1.0) and affine.shape == (4, 4)
 
@@ -218,3 +222,50 @@ def test_failed_build_leaves_no_half_written_cache(tmp_path):
     built = list((tmp_path / "cache").iterdir())
     assert len(built) == 1
     assert not (built[0] / "meta.json").exists() and not list(built[0].glob(".tmp*"))
+
+
+def write_small_h5_source(folder, volumes: int, slices: int) -> None:
+    rng = np.random.default_rng(1)
+    for v in range(1, volumes + 1):
+        image, label = data.synthetic_volume(rng, slices)
+        write_h5_slices(folder, v, image, label, range(slices))
+
+
+def test_parallel_build_writes_the_same_cache_as_one_process(tmp_path):
+    import resource
+
+    import h5py  # noqa: F401  (importing h5py runs a child process: not to be counted below)
+
+    src = tmp_path / "h5"
+    write_small_h5_source(src, volumes=3, slices=6)
+    cpu = lambda: resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime  # noqa: E731
+    caches, child_seconds = [], []
+    for workers in (1, 2):
+        before = cpu()
+        caches.append(data.prepare(f"h5:{src}", 32, tmp_path / f"cache{workers}", crop_to_brain=True, workers=workers))
+        child_seconds.append(cpu() - before)
+    one, two = caches
+    assert child_seconds[0] == 0 and child_seconds[1] > 0.2  # workers=2 really built in other processes
+    assert one.meta == two.meta and one.volume_ids == ["1", "2", "3"] and one.meta["kept"] > 0
+    files = sorted(p.name for p in one.root.iterdir())
+    assert files == sorted(p.name for p in two.root.iterdir()) and len(files) == 3 * 3 + 1
+    for name in files:
+        if name.endswith(".npy"):
+            a, b = np.load(one.root / name), np.load(two.root / name)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+
+
+def test_an_error_in_a_worker_reaches_the_caller_with_its_message(tmp_path):
+    src = tmp_path / "h5"
+    write_small_h5_source(src, volumes=3, slices=3)
+    (src / "volume_2_slice_1.h5").write_bytes(b"not an hdf5 file")
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(data.DataError) as caught:
+            data.prepare(f"h5:{src}", 16, tmp_path / f"cache{workers}", workers=workers)
+        assert caught.value.__cause__ is None  # one line for the user, not the worker's traceback
+        messages.append(str(caught.value))
+        built = list((tmp_path / f"cache{workers}").iterdir())
+        assert len(built) == 1 and not (built[0] / "meta.json").exists() and not list(built[0].glob(".tmp*"))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"cannot read {src / 'volume_2_slice_1.h5'}: OSError")

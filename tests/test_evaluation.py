@@ -117,3 +117,20 @@ def test_small_components_are_8_connected_in_2d():
         m[0, i, i] = True
     assert metrics.remove_small_components(m, 3).sum() == 5
     assert metrics.remove_small_components(m, 6).sum() == 0
+
+
+def test_prediction_batches_all_have_one_shape():
+    """The last, partial batch is padded to the full batch, so a compiled model never meets a new shape (and the
+    padding never reaches the output)."""
+    shapes = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            shapes.append(tuple(x.shape))
+            return x[:, :1] * 2
+
+    images = torch.arange(7 * 2 * 4 * 4, dtype=torch.float32).reshape(7, 2, 4, 4)
+    logits = inference.predict_logits(Recorder(), images, data.context_index([7], 0), torch.device("cpu"), 3,
+                                      inference.Speed(None, False, False))
+    assert shapes == [(3, 2, 4, 4)] * 3
+    assert torch.equal(logits, images[:, 0] * 2)
