@@ -269,3 +269,39 @@ def test_an_error_in_a_worker_reaches_the_caller_with_its_message(tmp_path):
         assert len(built) == 1 and not (built[0] / "meta.json").exists() and not list(built[0].glob(".tmp*"))
     assert messages[0] == messages[1]
     assert messages[0].startswith(f"cannot read {src / 'volume_2_slice_1.h5'}: OSError")
+
+
+def test_a_changed_source_file_rebuilds_the_cache(tmp_path):
+    """The cache is keyed by every source file's size and modification time: new content (same size), a new size,
+    or only a new mtime each give a new cache, and the new one holds the new content."""
+    import h5py
+
+    src = tmp_path / "h5"
+    write_small_h5_source(src, volumes=2, slices=3)
+    first = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
+    target = src / "volume_2_slice_1.h5"
+    seen = {first.root}
+
+    with h5py.File(target, "r+") as f:  # content: every voxel doubled, same size
+        f["image"][...] = f["image"][()] * 2
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    changed = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
+    assert changed.root not in seen
+    seen.add(changed.root)
+    assert not np.array_equal(changed.images("2"), first.images("2"))  # rebuilt from the new content
+    np.testing.assert_array_equal(changed.images("1"), first.images("1"))
+    # mtime only
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    touched = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
+    assert touched.root not in seen
+    seen.add(touched.root)
+    # size: rewritten with compression
+    with h5py.File(target, "r") as f:
+        image, mask = f["image"][()], f["mask"][()]
+    target.unlink()
+    with h5py.File(target, "w") as f:
+        f.create_dataset("image", data=image, compression="gzip")
+        f.create_dataset("mask", data=mask)
+    resized = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
+    assert resized.root not in seen
+    assert data.prepare(f"h5:{src}", 16, tmp_path / "cache").root == resized.root  # unchanged: reused

@@ -92,9 +92,9 @@ def test_missing_modality_fails_that_case_only(mixed_run):
 
 def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, sample, tmp_path, monkeypatch, capsys):
     """Logits that reproduce the label, plus three decoys each removed by one of the checkpoint's non-default
-    post-processing settings: a soft region at logit 0.8 (sigmoid 0.69: under threshold 0.7, over it without the
-    sigmoid), a 16-pixel speck (minimum component 25) and a 1,600-pixel blob on a tumour-free slice (largest 3D
-    component). The written mask must equal seg > 0 after the same post-processing done here with scipy, voxel for
+    post-processing settings: a soft ring around the tumour at logit 0.8 (sigmoid 0.69: under threshold 0.7, over it
+    without the sigmoid; joined to the tumour, so no other rule removes it), a 16-pixel speck (minimum component 25)
+    and a 1,600-pixel blob on a tumour-free slice (largest 3D component). The written mask must equal seg > 0 after the same post-processing done here with scipy, voxel for
     voxel (slice placement, the (z, x, y) → (x, y, z) transpose, every setting honoured), and the model must get
     the checkpoint's channels in its order."""
     from scipy import ndimage
@@ -116,13 +116,14 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
         label = torch.from_numpy(truth.transpose(2, 0, 1)[kept["slices"]])  # (z, x, y) kept slices
         logits = torch.where(label, 20.0, -20.0)
         tumour_z = label.flatten(1).any(1)
-        z_soft, z_speck = int(torch.nonzero(tumour_z)[0, 0]) + 5, int(torch.nonzero(tumour_z)[0, 0]) + 10
+        z_speck = int(torch.nonzero(tumour_z)[0, 0]) + 10
         z_blob = int(torch.nonzero(~tumour_z)[3, 0])  # a kept slice without tumour
-        decoys = ((z_soft, slice(60, 80), slice(60, 80), 0.8), (z_speck, slice(60, 64), slice(180, 184), 20.0),
-                  (z_blob, slice(60, 100), slice(150, 190), 20.0))
-        for z, xs, ys, value in decoys:
+        for z, xs, ys in ((z_speck, slice(60, 64), slice(180, 184)), (z_blob, slice(60, 100), slice(150, 190))):
             assert not label[z, xs, ys].any()
-            logits[z, xs, ys] = value
+            logits[z, xs, ys] = 20.0
+        z_ring = int(label.flatten(1).sum(1).argmax())  # a soft ring around the tumour's largest slice: joined to
+        ring = ndimage.binary_dilation(label[z_ring].numpy(), iterations=3) & ~label[z_ring].numpy()  # it in 3D
+        logits[z_ring][torch.from_numpy(ring)] = 0.8
         x0, y0, side = kept["box"]  # logits of the brain's box at full resolution: data.uncrop pastes them as they are
         return logits[:, x0:x0 + side, y0:y0 + side]
 
