@@ -282,8 +282,8 @@ def test_a_changed_source_file_rebuilds_the_cache(tmp_path):
     target = src / "volume_2_slice_1.h5"
     seen = {first.root}
 
-    with h5py.File(target, "r+") as f:  # content: every voxel doubled, same size
-        f["image"][...] = f["image"][()] * 2
+    with h5py.File(target, "r+") as f:  # content: a patch of FLAIR tripled (z-scores change), same size
+        f["image"][100:140, 100:140, 0] = f["image"][100:140, 100:140, 0] * 3
     os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
     changed = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
     assert changed.root not in seen
