@@ -63,10 +63,11 @@ def report(args) -> str:
         lines.append(f"| {pid} | {fold} | {dice:.3f} | {iou:.3f} | {hd:.1f} | {ml:.1f} | threshold {th}, min {mc} px, "
                      f"largest 3D {'on' if l3 else 'off'} |")
     if rows:
+        lines += ["", f"| over {len(rows)} patients | mean | std | min | max |", "|---|---:|---:|---:|---:|"]
         for name, k in (("Dice", 2), ("IoU", 3), ("HD95 mm", 4)):
             values = [r[k] for r in rows]
-            lines.append(f"| **{name}** over {len(values)} patients | | mean {statistics.mean(values):.3f} | "
-                         f"std {statistics.pstdev(values):.3f} | min {min(values):.3f} | max {max(values):.3f} | |")
+            lines.append(f"| {name} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | "
+                         f"{min(values):.3f} | {max(values):.3f} |")
     return "\n".join(lines) + "\n"
 
 
