@@ -236,3 +236,16 @@ def test_nifti_missing_modality_is_one_line(sample_dir, tmp_path):
     proc = run_cli("--data", f"nifti:{root}", "--size", "16", "--device", "cpu", "--out", str(tmp_path / "run"),
                    "--cache-dir", str(tmp_path / "cache"))
     assert_one_line_error(proc, "missing modality t2", str(root / "B"))
+
+
+@pytest.mark.parametrize("flags,amp,channels_last", [([], None, False), (["amx_bf16"], torch.bfloat16, True),
+                                                     (["avx512_bf16"], torch.bfloat16, True)])
+def test_cpu_speed_settings_follow_native_bf16(monkeypatch, flags, amp, channels_last):
+    """--amp auto / --channels-last auto on a CPU: bf16 and channels_last only with native bf16; explicit flags win."""
+    monkeypatch.setattr(inference, "cpu_bf16_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    speed = inference.resolve_speed(cpu)
+    assert (speed.amp, speed.channels_last, speed.compile) == (amp, channels_last, False)
+    assert ("no native bf16" in str(speed)) == (not flags)
+    forced = inference.resolve_speed(cpu, amp="bf16", channels_last="on")
+    assert forced.amp == torch.bfloat16 and forced.channels_last
