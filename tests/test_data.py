@@ -271,6 +271,12 @@ def test_an_error_in_a_worker_reaches_the_caller_with_its_message(tmp_path):
     assert messages[0].startswith(f"cannot read {src / 'volume_2_slice_1.h5'}: OSError")
 
 
+def bump_mtime(path) -> None:
+    """Move a file's modification time one second on, its content untouched."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
 def test_a_changed_source_file_rebuilds_the_cache(tmp_path):
     """The cache is keyed by every source file's size and modification time: new content (same size), a new size,
     or only a new mtime each give a new cache, and the new one holds the new content."""
@@ -284,14 +290,14 @@ def test_a_changed_source_file_rebuilds_the_cache(tmp_path):
 
     with h5py.File(target, "r+") as f:  # content: a patch of FLAIR tripled (z-scores change), same size
         f["image"][100:140, 100:140, 0] = f["image"][100:140, 100:140, 0] * 3
-    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    bump_mtime(target)
     changed = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
     assert changed.root not in seen
     seen.add(changed.root)
     assert not np.array_equal(changed.images("2"), first.images("2"))  # rebuilt from the new content
     np.testing.assert_array_equal(changed.images("1"), first.images("1"))
     # mtime only
-    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    bump_mtime(target)
     touched = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
     assert touched.root not in seen
     seen.add(touched.root)

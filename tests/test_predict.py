@@ -94,9 +94,9 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
     """Logits that reproduce the label, plus three decoys each removed by one of the checkpoint's non-default
     post-processing settings: a soft ring around the tumour at logit 0.8 (sigmoid 0.69: under threshold 0.7, over it
     without the sigmoid; joined to the tumour, so no other rule removes it), a 16-pixel speck (minimum component 25)
-    and a 1,600-pixel blob on a tumour-free slice (largest 3D component). The written mask must equal seg > 0 after the same post-processing done here with scipy, voxel for
-    voxel (slice placement, the (z, x, y) → (x, y, z) transpose, every setting honoured), and the model must get
-    the checkpoint's channels in its order."""
+    and a 1,600-pixel blob on a tumour-free slice (largest 3D component). The written mask must equal seg > 0 after
+    the same post-processing done here with scipy, voxel for voxel (slice placement, the (z, x, y) → (x, y, z)
+    transpose, every setting honoured), and the model must get the checkpoint's channels in its order."""
     from scipy import ndimage
 
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)

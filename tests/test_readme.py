@@ -29,19 +29,25 @@ def commands(script: str) -> list[list[str]]:
     return found
 
 
+def flags_in(help_text: str) -> set[str]:
+    """The flags a --help text lists."""
+    return set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+
+
 def help_flags(argv_help) -> set[str]:
-    """The flags a --help lists."""
+    """The flags of a parse function's --help."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         argv_help(["--help"])
-    return set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+    return flags_in(out.getvalue())
 
 
 def bench_flags(script: str) -> set[str]:
+    """The flags of bench/SCRIPT --help."""
     text = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120).stdout
     assert text, f"bench/{script} --help printed nothing"
-    return set(re.findall(r"--[a-z][a-z0-9-]*", text))
+    return flags_in(text)
 
 
 def test_every_train_command_parses():
