@@ -7,7 +7,7 @@
 
 main() reads top to bottom: set_up (device, ranks, speed settings) → load_data (cached, split by patient,
 batches on the device) → build (model, optimiser, schedule, step) → fit (train_epoch and validate each epoch,
-early stopping, checkpoints) → post-processing chosen on validation → test on unseen patients at 240 x 240 →
+early stopping, checkpoints) → post-processing chosen on validation (or fixed) → test on unseen patients at 240 x 240 →
 figures. Everything lands in --out.
 """
 from __future__ import annotations
@@ -59,6 +59,10 @@ class TrainConfig:
     folds: int = option(0, "K-fold cross-validation by patient: fold --fold is the test set, the next fold the "
                            "validation set; 0: one seeded 70/15/15 split")
     fold: int = option(0, "the test fold (0..K-1) with --folds K")
+    train_on: str = option("train", "the patients trained on: the training split, or train+val for a final model "
+                                    "once the epochs and the post-processing are fixed (needs --select last, "
+                                    "--patience 0 and a fixed --postprocess: nothing is left to choose on)",
+                           ("train", "train+val"))
     cache_dir: str | None = option(None, f"preprocessed arrays are cached here; None: $BRATS_CACHE, else "
                                          f"~/.cache/brats-unet (here {CACHE_DIR})", type=str)
     # model
@@ -74,6 +78,9 @@ class TrainConfig:
     patience: int = option(8, "stop after this many epochs without a better validation Dice; 0: never stop early")
     select: str = option("best", "the model kept as best.pt and tested: the epoch with the best validation Dice, or "
                                  "the last epoch (a schedule annealed to its end)", ("best", "last"))
+    postprocess: str = option("val", "post-processing of the test predictions: val chooses the threshold, the "
+                                     "smallest 2D component kept (pixels at 240x240) and the largest-3D rule on the "
+                                     "validation patients; or fixed as THRESHOLD,MIN_PIXELS,on|off (e.g. 0.3,50,on)")
     loss_mode: str = option("batch", "Dice over the whole batch, or per image then averaged", ("batch", "image"))
     bce_weight: float = option(1.0, "weight of BCE in the loss")
     dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
@@ -156,6 +163,26 @@ def check_config(cfg: TrainConfig) -> None:
         raise data.UserError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:
         raise data.UserError(f"--fold must be in 0..{cfg.folds - 1} with --folds {cfg.folds}, got {cfg.fold}")
+    fixed_post = parse_postprocess(cfg.postprocess)
+    if cfg.train_on == "train+val" and not (cfg.select == "last" and cfg.patience == 0 and fixed_post):
+        raise data.UserError("--train-on train+val trains on the validation patients, so nothing can be chosen on "
+                             "them: it needs --select last --patience 0 and a fixed --postprocess (e.g. 0.3,50,on)")
+
+
+def parse_postprocess(text: str) -> dict | None:
+    """--postprocess: None for 'val' (chosen on validation), else the fixed {threshold, min_component, largest_3d};
+    a UserError for anything else."""
+    if text == "val":
+        return None
+    parts = text.split(",")
+    try:
+        threshold, min_component, largest = float(parts[0]), int(parts[1]), parts[2]
+        if len(parts) != 3 or not 0 < threshold < 1 or min_component < 0 or largest not in ON_OFF:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise data.UserError(f"--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off with 0 < THRESHOLD < 1 "
+                             f"(e.g. 0.3,50,on), got {text!r}") from None
+    return {"threshold": threshold, "min_component": min_component, "largest_3d": largest == "on"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,12 +272,14 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir, cfg.crop == "on")
     split = data.split_volumes(cache.volume_ids, cfg.seed, cfg.folds, cfg.fold)
     channels = channel_list(cfg.channel)
+    trained_on = split["train"] + (split["val"] if cfg.train_on == "train+val" else [])
     counts = {k: sum(len(cache.volume(v)["slices"]) for v in ids) for k, ids in split.items()}
     if counts["train"] == 0 or counts["val"] == 0:
         raise data.DataError("no slices with brain in the training or validation volumes")
-    batch_size = min(cfg.batch_size, counts["train"] // run.world)
+    n_train = sum(len(cache.volume(v)["slices"]) for v in trained_on)
+    batch_size = min(cfg.batch_size, n_train // run.world)
     batches = data.TrainBatches(
-        cache, split["train"], channels, run.device, batch_size, context=cfg.context, resident=cfg.resident == "on",
+        cache, trained_on, channels, run.device, batch_size, context=cfg.context, resident=cfg.resident == "on",
         workers=cfg.workers, seed=cfg.seed, rank=run.rank, world=run.world, augment=cfg.augment == "on",
         affine=cfg.affine == "on", intensity=cfg.intensity)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device)
@@ -263,6 +292,9 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
               f"without brain dropped); split by patient {len(split['train'])}/{len(split['val'])}/{len(split['test'])} "
               f"volumes ({counts['train']}/{counts['val']}/{counts['test']} slices); channels "
               f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context}, crop {cfg.crop}")
+        if cfg.train_on == "train+val":
+            print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
+                  f"of patients trained on")
     return cache, split, batches, val_set
 
 
@@ -567,17 +599,20 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
 
 
 def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[dict]) -> tuple[list[dict], dict]:
-    """Choose the post-processing on the validation patients (saved into best.pt), then evaluate the test patients
-    once; writes metrics.json. Returns the per-slice rows and masks of the test patients for the figures."""
+    """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
+    then evaluate the test patients once; writes metrics.json. Returns the per-slice rows and masks of the test
+    patients for the figures."""
     predictor = inference.Predictor.from_checkpoints([run.out / "best.pt"], run.device, 2 * cfg.batch_size,
                                                      speed=dataclasses.replace(run.speed, compile=False))
-    val_truth = {v: cache.full_masks(v) for v in split["val"]}
-    post, val_best = inference.choose_postprocessing(volume_probs(predictor, cache, split["val"]), val_truth)
+    post, val_best = parse_postprocess(cfg.postprocess), None
+    if post is None:
+        val_truth = {v: cache.full_masks(v) for v in split["val"]}
+        post, val_best = inference.choose_postprocessing(volume_probs(predictor, cache, split["val"]), val_truth)
     ckpt = torch.load(run.out / "best.pt", map_location="cpu", weights_only=True)
     inference.save_checkpoint({**ckpt, **post}, run.out / "best.pt")
     summary, records, masks = evaluate(volume_probs(predictor, cache, split["test"]), cache, post)
     kept = ckpt["epoch"]
-    result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "best_epoch": kept,
+    result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "train_on": cfg.train_on, "best_epoch": kept,
               "epochs_run": len(log), "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)],
               "size": cfg.size, "folds": cfg.folds, "fold": cfg.fold, "split": split}
     with data.atomic_path(run.out / "metrics.json") as tmp:
