@@ -59,7 +59,8 @@ def test_the_dataloader_path_trains_end_to_end(tmp_path, monkeypatch):
     assert len(served) == 2 * 8 * int(round(log[0]["slices_per_s"] * log[0]["seconds"] / 8))  # every batch, both epochs
 
 
-def test_training_uses_only_the_training_patients(tmp_path, monkeypatch):
+def record_trained_volumes(monkeypatch) -> dict:
+    """{"train": the volume ids TrainBatches is built from}, once train.py has built it."""
     loaded = {}
     original = data.TrainBatches.__init__
 
@@ -68,6 +69,11 @@ def test_training_uses_only_the_training_patients(tmp_path, monkeypatch):
         original(self, cache, volume_ids, *args, **kwargs)
 
     monkeypatch.setattr(data.TrainBatches, "__init__", record)
+    return loaded
+
+
+def test_training_uses_only_the_training_patients(tmp_path, monkeypatch):
+    loaded = record_trained_volumes(monkeypatch)
     out = tmp_path / "run"
     assert train.cli(["--data", "synthetic:6x4", *TINY, "--epochs", "1", "--out", str(out),
                       "--cache-dir", str(tmp_path / "c")]) == 0
@@ -76,6 +82,24 @@ def test_training_uses_only_the_training_patients(tmp_path, monkeypatch):
     assert not set(loaded["train"]) & (set(split["val"]) | set(split["test"]))
     tested = {v["id"] for v in json.loads((out / "metrics.json").read_text())["test"]["per_volume"]}
     assert tested == set(split["test"])
+
+
+def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocessing(tmp_path, monkeypatch):
+    """--train-on train+val: the batches hold the training and the validation patients, never a test patient; the
+    fixed --postprocess (off the search grid, so it cannot have been chosen) is what the test used and best.pt keeps."""
+    loaded = record_trained_volumes(monkeypatch)
+    out = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:6x4", *TINY, "--epochs", "1", "--train-on", "train+val", "--select", "last",
+                      "--patience", "0", "--postprocess", "0.35,7,off", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(loaded["train"]) == sorted(split["train"] + split["val"]) and len(loaded["train"]) == 5
+    assert not set(loaded["train"]) & set(split["test"])
+    result = json.loads((out / "metrics.json").read_text())
+    assert (result["threshold"], result["min_component"], result["largest_3d"]) == (0.35, 7, False)
+    assert result["train_on"] == "train+val" and result["val_volume_dice_at_choice"] is None
+    ckpt = torch.load(out / "best.pt", weights_only=False)
+    assert (ckpt["threshold"], ckpt["min_component"], ckpt["largest_3d"]) == (0.35, 7, False)
 
 
 def test_a_train_step_learns(tmp_path):
@@ -204,6 +228,12 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--channel", "4"], "--channel must be in 0..3"),
+    (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
+    (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
+    (["--postprocess", "0.3,-1,on"], "got '0.3,-1,on'"),
+    (["--postprocess", "0.3,0,yes"], "got '0.3,0,yes'"),
+    (["--train-on", "train+val", "--select", "last", "--patience", "0"], "needs --select last --patience 0 and a fixed"),
+    (["--train-on", "train+val", "--postprocess", "0.3,0,on"], "--train-on train+val trains on the validation"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, args, needle):
     (tmp_path / "empty").mkdir()
