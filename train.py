@@ -283,6 +283,9 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         workers=cfg.workers, seed=cfg.seed, rank=run.rank, world=run.world, augment=cfg.augment == "on",
         affine=cfg.affine == "on", intensity=cfg.intensity)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device)
+    if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
+        raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
+                             f"chosen on them (--select best / --postprocess val): use more volumes or another --seed")
     if run.master and not cfg.resume:
         run.out.mkdir(parents=True, exist_ok=True)
         for name, obj in (("config.json", asdict(cfg)), ("split.json", split)):

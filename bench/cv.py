@@ -8,6 +8,14 @@ patient is a test patient exactly once and nothing is chosen on it. Folds run --
 OMP_NUM_THREADS = cores / jobs); a fold whose metrics.json exists is not run again, one with a last.pt is resumed.
 The report (stdout and OUT/cv.md): one row per patient (fold, Dice, IoU, HD95, tumour volume), then mean, std
 and min over patients, with the folds' wall times.
+
+    python bench/cv.py --folds 7 --out runs/cv --choose-postprocess   # a --postprocess for each fold, and one for all
+
+--choose-postprocess pools the validation patients of every finished fold (each fold's best.pt on its own
+validation patients) and picks the post-processing with the best mean Dice over them: for each fold i, from the
+validation runs that exclude fold i's test patients (the rule a train+val CV may give fold i without seeing its
+test patients), and from all of them (the rule for a final model); written to OUT/postprocess.md. Two validation patients per fold are too few to
+choose on; fourteen validation runs are not.
 """
 from __future__ import annotations
 
@@ -24,6 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import inference  # noqa: E402
+import train  # noqa: E402
 from common import git_commit, machine, utc_now  # noqa: E402
 
 
@@ -40,6 +53,38 @@ def run_fold(fold: int, args, train_args: list[str]) -> tuple[int, int, float]:
     with open(args.out / f"fold{fold}.log", "a") as log:
         code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     return fold, code, time.perf_counter() - t
+
+
+def choose_postprocessing(args) -> str:
+    """The --postprocess of each fold, and of a final model, chosen on the pooled validation runs (module docstring)."""
+    probs, truth, tests, device = {}, {}, {}, torch.device("cpu")
+    for fold in range(args.folds):
+        run = args.out / f"fold{fold}"
+        if not (run / "metrics.json").exists():
+            continue
+        cfg, split = (json.loads((run / name).read_text()) for name in ("config.json", "split.json"))
+        if cfg.get("train_on", "train") != "train":
+            raise SystemExit(f"cv.py: error: fold {fold} trained on its validation patients (--train-on "
+                             f"{cfg['train_on']}): nothing can be chosen on them")
+        cache_dir = cfg["cache_dir"] and REPO / cfg["cache_dir"]  # train.py ran in REPO
+        cache = data.prepare(cfg["data"], cfg["size"], cache_dir, cfg["crop"] == "on")
+        predictor = inference.Predictor.from_checkpoints([run / "best.pt"], device)
+        for vid, p in train.volume_probs(predictor, cache, split["val"]).items():
+            probs[f"{fold}/{vid}"], truth[f"{fold}/{vid}"] = p, cache.full_masks(vid)
+        tests[fold] = set(split["test"])
+        print(f"fold {fold}: validation probabilities of {', '.join(split['val'])}", flush=True)
+
+    def rule(keys: list[str]) -> str:
+        post, dice = inference.choose_postprocessing({k: probs[k] for k in keys}, {k: truth[k] for k in keys})
+        return (f"{post['threshold']},{post['min_component']},{'on' if post['largest_3d'] else 'off'} "
+                f"(mean Dice {dice:.3f} over {len(keys)} validation runs)")
+
+    lines = ["", "| post-processing chosen on pooled validation runs | --postprocess |", "|---|---|"]
+    for fold in tests:
+        lines.append(f"| fold {fold} (runs without its test patients) | "
+                     f"{rule([k for k in probs if k.split('/', 1)[1] not in tests[fold]])} |")
+    lines.append(f"| a final model (every run) | {rule(list(probs))} |")
+    return "\n".join(lines) + "\n"
 
 
 def report(args) -> str:
@@ -82,9 +127,16 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=1, help="folds run at the same time")
     p.add_argument("--out", type=Path, required=True, help="OUT/fold<i>/ holds each fold's run folder")
     p.add_argument("--report-only", action="store_true", help="do not run folds, only report those run")
+    p.add_argument("--choose-postprocess", action="store_true",
+                   help="do not run folds: choose --postprocess on the finished folds' pooled validation patients")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
+    if args.choose_postprocess:
+        text = choose_postprocessing(args)
+        print(text)
+        (args.out / "postprocess.md").write_text(text)
+        return 0
     if not args.report_only:
         folds = args.only if args.only is not None else list(range(args.folds))
         with ThreadPoolExecutor(args.jobs) as pool:

@@ -63,6 +63,8 @@ MUTANTS = [
      "trained_on = split[\"train\"] + split[\"test\"] + (", "tests/test_train.py"),
     ("--train-on train+val leaves the validation patients out", "train.py",
      "(split[\"val\"] if cfg.train_on == \"train+val\" else [])", "[]", "tests/test_train.py"),
+    ("cv.py chooses a fold's post-processing on its own test patients too", "bench/cv.py",
+     "for k in probs if k.split('/', 1)[1] not in tests[fold]]", "for k in probs]", "tests/test_cv.py"),
     ("a fixed --postprocess is ignored", "train.py", "post, val_best = parse_postprocess(cfg.postprocess), None",
      "post, val_best = None, None", "tests/test_train.py"),
     ("validation Dice pooled over volumes", "train.py",
@@ -120,8 +122,9 @@ def run_mutant(name: str, file: str, old, new, tests: str, work: Path) -> str:
     for p in ROOT.iterdir():
         if p.suffix == ".py":
             shutil.copy(p, work / p.name)
-    shutil.rmtree(work / "tests", ignore_errors=True)
-    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("tests", "bench"):
+        shutil.rmtree(work / folder, ignore_errors=True)
+        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
     text = (work / file).read_text()
     for o, n in (old if isinstance(old, list) else [(old, new)]):
         if o not in text:

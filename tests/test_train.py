@@ -234,6 +234,7 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--postprocess", "0.3,0,yes"], "got '0.3,0,yes'"),
     (["--train-on", "train+val", "--select", "last", "--patience", "0"], "needs --select last --patience 0 and a fixed"),
     (["--train-on", "train+val", "--postprocess", "0.3,0,on"], "--train-on train+val trains on the validation"),
+    (["--data", "synthetic:6x4", "--folds", "3", "--fold", "1"], "have no tumour, so nothing can be chosen"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, args, needle):
     (tmp_path / "empty").mkdir()
