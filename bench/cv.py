@@ -14,7 +14,8 @@ and min over patients, with the folds' wall times.
 --choose-postprocess pools the validation patients of every finished fold (each fold's best.pt on its own
 validation patients) and picks the post-processing with the best mean Dice over them: for each fold i, from the
 validation runs that exclude fold i's test patients (the rule a train+val CV may give fold i without seeing its
-test patients), and from all of them (the rule for a final model); written to OUT/postprocess.md. Two validation patients per fold are too few to
+test patients), and from all of them (the rule for a final model); with the test Dice each fold's patients get
+under its pooled rule and under its own choice; written to OUT/postprocess.md. Two validation patients per fold are too few to
 choose on; fourteen validation runs are not.
 """
 from __future__ import annotations
@@ -56,13 +57,14 @@ def run_fold(fold: int, args, train_args: list[str]) -> tuple[int, int, float]:
 
 
 def choose_postprocessing(args) -> str:
-    """The --postprocess of each fold, and of a final model, chosen on the pooled validation runs (module docstring)."""
-    probs, truth, tests, device = {}, {}, {}, torch.device("cpu")
+    """The --postprocess of each fold, and of a final model, chosen on the pooled validation runs (module docstring);
+    with each fold's test Dice under that rule and under the fold's own choice (on its two validation patients)."""
+    probs, truth, runs, device = {}, {}, {}, torch.device("cpu")
     for fold in range(args.folds):
         run = args.out / f"fold{fold}"
         if not (run / "metrics.json").exists():
             continue
-        cfg, split = (json.loads((run / name).read_text()) for name in ("config.json", "split.json"))
+        cfg, split, result = (json.loads((run / name).read_text()) for name in ("config.json", "split.json", "metrics.json"))
         if cfg.get("train_on", "train") != "train":
             raise SystemExit(f"cv.py: error: fold {fold} trained on its validation patients (--train-on "
                              f"{cfg['train_on']}): nothing can be chosen on them")
@@ -71,19 +73,27 @@ def choose_postprocessing(args) -> str:
         predictor = inference.Predictor.from_checkpoints([run / "best.pt"], device)
         for vid, p in train.volume_probs(predictor, cache, split["val"]).items():
             probs[f"{fold}/{vid}"], truth[f"{fold}/{vid}"] = p, cache.full_masks(vid)
-        tests[fold] = set(split["test"])
+        runs[fold] = (split["test"], predictor, cache, {v["id"]: v["dice"] for v in result["test"]["per_volume"]})
         print(f"fold {fold}: validation probabilities of {', '.join(split['val'])}", flush=True)
 
-    def rule(keys: list[str]) -> str:
+    def rule(keys: list[str]) -> tuple[dict, str]:
         post, dice = inference.choose_postprocessing({k: probs[k] for k in keys}, {k: truth[k] for k in keys})
-        return (f"{post['threshold']},{post['min_component']},{'on' if post['largest_3d'] else 'off'} "
-                f"(mean Dice {dice:.3f} over {len(keys)} validation runs)")
+        return post, (f"{post['threshold']},{post['min_component']},{'on' if post['largest_3d'] else 'off'} "
+                      f"(mean Dice {dice:.3f} over {len(keys)} validation runs)")
 
-    lines = ["", "| post-processing chosen on pooled validation runs | --postprocess |", "|---|---|"]
-    for fold in tests:
-        lines.append(f"| fold {fold} (runs without its test patients) | "
-                     f"{rule([k for k in probs if k.split('/', 1)[1] not in tests[fold]])} |")
-    lines.append(f"| a final model (every run) | {rule(list(probs))} |")
+    lines = ["", "| post-processing chosen on pooled validation runs | --postprocess | test Dice with it | "
+                 "with the fold's own choice |", "|---|---|---|---|"]
+    pooled, own = [], []
+    for fold, (test_ids, predictor, cache, own_dice) in runs.items():
+        post, text = rule([k for k in probs if k.split("/", 1)[1] not in test_ids])
+        summary = train.evaluate(train.volume_probs(predictor, cache, test_ids), cache, post)[0]
+        pooled += [v["dice"] for v in summary["per_volume"]]
+        own += [own_dice[v["id"]] for v in summary["per_volume"]]
+        lines.append(f"| fold {fold} (runs without its test patients) | {text} | "
+                     f"{', '.join(f'{v:.3f}' for v in pooled[-len(test_ids):])} | "
+                     f"{', '.join(f'{v:.3f}' for v in own[-len(test_ids):])} |")
+    lines.append(f"| mean over {len(pooled)} test patients | | {statistics.mean(pooled):.3f} | {statistics.mean(own):.3f} |")
+    lines.append(f"| a final model (every run) | {rule(list(probs))[1]} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,10 +37,13 @@ def test_choose_postprocess_pools_validation_runs_without_the_folds_test_patient
     for fold in range(folds):
         expected = [k for k in every_run if k.split("/")[1] not in splits[fold]["test"]]
         assert calls[fold] == expected and len(expected) == 2 * (folds - 1)
-    rows = [line for line in text.splitlines() if line.startswith("| fold") or line.startswith("| a final")]
+    rows = [line for line in text.splitlines() if line.startswith(("| fold", "| a final"))]
     assert len(rows) == folds + 1
     for row in rows:  # each rule is a valid --postprocess
         assert train.parse_postprocess(row.split("| ")[2].split(" ")[0]) is not None
+    for fold, row in enumerate(rows[:folds]):  # the last column: the fold's own test Dice, from its metrics.json
+        result = json.loads((out / f"fold{fold}" / "metrics.json").read_text())
+        assert row.split("| ")[4].strip(" |") == ", ".join(f"{v['dice']:.3f}" for v in result["test"]["per_volume"])
 
 
 def test_choose_postprocess_refuses_folds_trained_on_their_validation_patients(tmp_path):
