@@ -108,15 +108,16 @@ def report(args) -> str:
         walls[fold] = sum(r["seconds"] for r in log)
         for v in result["test"]["per_volume"]:
             rows.append((v["id"], fold, v["dice"], v["iou"], v["hd95_mm"], v["tumour_voxels"] / 1000,
-                         result["threshold"], result["min_component"], result["largest_3d"]))
+                         result["threshold"], result["min_component"], result["largest_3d"],
+                         "fixed" if result.get("val_volume_dice_at_choice", 0) is None else "chosen on validation"))
     lines = [f"machine: {machine('cpu')}; {utc_now()}; commit {git_commit()}",
              f"folds run: {sorted(walls)} of {args.folds}; training seconds per fold (sum of epochs): "
              + ", ".join(f"{f}: {s:.0f}" for f, s in sorted(walls.items())), "",
-             "| patient | fold | Dice | IoU | HD95 mm | tumour mL | post-processing (chosen on validation) |",
+             "| patient | fold | Dice | IoU | HD95 mm | tumour mL | post-processing |",
              "|---|---:|---:|---:|---:|---:|---|"]
-    for pid, fold, dice, iou, hd, ml, th, mc, l3 in sorted(rows, key=lambda r: r[2]):
+    for pid, fold, dice, iou, hd, ml, th, mc, l3, how in sorted(rows, key=lambda r: r[2]):
         lines.append(f"| {pid} | {fold} | {dice:.3f} | {iou:.3f} | {hd:.1f} | {ml:.1f} | threshold {th}, min {mc} px, "
-                     f"largest 3D {'on' if l3 else 'off'} |")
+                     f"largest 3D {'on' if l3 else 'off'} ({how}) |")
     if rows:
         lines += ["", f"| over {len(rows)} patients | mean | std | min | max |", "|---|---:|---:|---:|---:|"]
         for name, k in (("Dice", 2), ("IoU", 3), ("HD95 mm", 4)):
