@@ -71,6 +71,10 @@ class TrainConfig:
     norm: str = option("batch", "normalisation layer", ("batch", "instance", "group", "none"))
     # optimisation
     epochs: int = option(40, "epochs at most")
+    time_budget: float = option(0.0, "minutes of wall clock for set-up and training (the test phase follows): after the "
+                                     "first epoch the run keeps the epochs that fit (at most --epochs) and lays the "
+                                     "schedule over them; it prints the count and keeps it in metrics.json, and "
+                                     "--epochs COUNT without a budget reproduces the run; 0: no budget")
     batch_size: int = option(32, "slices per batch (per process under torchrun)")
     lr: float = option(2e-3, "peak AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
@@ -154,7 +158,7 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("size", "epochs", "batch_size", "base", "depth"):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay"):
+    for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget"):
         if getattr(cfg, name) < 0:
             raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
@@ -163,6 +167,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise data.UserError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:
         raise data.UserError(f"--fold must be in 0..{cfg.folds - 1} with --folds {cfg.folds}, got {cfg.fold}")
+    if cfg.time_budget and cfg.warmup < 1:
+        raise data.UserError(f"--time-budget needs --warmup of at least 1 epoch (got {cfg.warmup}): the epochs are "
+                             f"decided after the first one, whose learning rates must not depend on them")
     fixed_post = parse_postprocess(cfg.postprocess)
     if cfg.train_on == "train+val" and not (cfg.select == "last" and cfg.patience == 0 and fixed_post):
         raise data.UserError("--train-on train+val trains on the validation patients, so nothing can be chosen on "
@@ -198,6 +205,7 @@ class Run:
     out: Path
     rank: int = 0
     world: int = 1
+    started: float = 0.0  # time.perf_counter() when set_up began: --time-budget counts from here
 
     @property
     def master(self) -> bool:
@@ -210,6 +218,7 @@ class Run:
 
 def set_up(cfg: TrainConfig) -> Run:
     """Device, torchrun ranks (WORLD_SIZE/RANK/LOCAL_RANK; a plain run is rank 0 of 1), seeds, speed settings."""
+    started = time.perf_counter()
     device = inference.resolve_device(cfg.device)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -222,7 +231,7 @@ def set_up(cfg: TrainConfig) -> Run:
     if device.type == "cuda":
         tune_cuda()
     speed = inference.resolve_speed(device, cfg.amp, cfg.channels_last, cfg.compile)
-    run = Run(device, speed, Path(cfg.out), rank, world)
+    run = Run(device, speed, Path(cfg.out), rank, world, started)
     claim_run_folder(cfg, run)
     if run.master:
         print(json.dumps(asdict(cfg)))
@@ -310,18 +319,32 @@ def build_model(cfg: TrainConfig) -> UNet:
                            depth=cfg.depth, norm=cfg.norm))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int,
-                   warmup_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (fused on CUDA) and a per-step schedule: linear warm-up, then cosine decay to 1% of --lr."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+@dataclass
+class Schedule:
+    """The learning-rate factor of each step: linear warm-up, then cosine decay to 1% at total_steps. An object
+    rather than a closure, so LambdaLR saves its fields in last.pt (--time-budget sets total_steps after epoch 1)."""
 
-    def lr_factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    total_steps: int
+    warmup_steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int,
+                   warmup_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (fused on CUDA) and a per-step Schedule: linear warm-up, then cosine decay to 1% of --lr."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(total_steps, warmup_steps))
+
+
+def epochs_in_budget(budget_s: float, elapsed_s: float, epoch_s: float, max_epochs: int) -> int:
+    """--time-budget: the first epoch (done, epoch_s long, elapsed_s since the start) and as many more of its length
+    as end within budget_s of the start; at least 1, at most max_epochs."""
+    return max(1, min(max_epochs, 1 + int((budget_s - elapsed_s) // epoch_s)))
 
 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
@@ -404,7 +427,8 @@ class StopOnSignal:
 @dataclass
 class Progress:
     """Where training stands, saved in last.pt with the weights: the epoch in progress and its batches done (with
-    their running totals and seconds when stopped mid-epoch), the log and the early-stopping state."""
+    their running totals and seconds when stopped mid-epoch), the log, the early-stopping state and the epochs the
+    schedule runs over (--epochs, or what fits --time-budget)."""
 
     epoch: int = 1
     batch: int = 0
@@ -413,6 +437,7 @@ class Progress:
     log: list[dict] = field(default_factory=list)
     best_dice: float = -math.inf
     stale: int = 0
+    epochs: int = 0
 
 
 def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, progress: Progress,
@@ -498,9 +523,11 @@ def load_last(path: Path, model, optimizer, scheduler, scaler) -> Progress:
     return Progress(**state["progress"])
 
 
-def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches, val_set: data.SliceSet) -> list[dict]:
-    """Train for --epochs (or until early stopping), validating after every epoch; rank 0 logs each epoch to
-    log.jsonl, keeps best.pt and writes last.pt (with --resume, training continues from it). Returns the log."""
+def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
+        val_set: data.SliceSet) -> tuple[list[dict], int]:
+    """Train for --epochs (or those that fit --time-budget, or until early stopping), validating after every epoch;
+    rank 0 logs each epoch to log.jsonl, keeps best.pt and writes last.pt (with --resume, training continues from
+    it). Returns the log and the epochs the schedule ran over."""
     train_model = torch.nn.parallel.DistributedDataParallel(model) if run.ddp else model
     optimizer, scheduler = make_optimizer(model, cfg, run.device, cfg.epochs * len(batches),
                                           max(1, int(cfg.warmup * len(batches))))
@@ -508,14 +535,15 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches, val
     train_step = make_train_step(train_model, optimizer, scheduler, scaler, cfg, run.device, run.speed)
     eval_model = torch.compile(model) if run.speed.compile else model
     progress = load_last(run.out / "last.pt", model, optimizer, scheduler, scaler) if cfg.resume else Progress()
+    progress.epochs = progress.epochs or cfg.epochs
     if run.master and cfg.resume:
         print(f"resuming {run.out} at epoch {progress.epoch}, batch {progress.batch} of {len(batches)}")
         with data.atomic_path(run.out / "log.jsonl") as tmp:  # drop lines of an epoch that last.pt does not hold
             tmp.write_text("".join(json.dumps(r) + "\n" for r in progress.log))
     last = run.out / "last.pt"
     with StopOnSignal(run) as stop:
-        while progress.epoch <= cfg.epochs and not (cfg.patience and progress.stale >= cfg.patience):
-            epoch = progress.epoch
+        while progress.epoch <= progress.epochs and not (cfg.patience and progress.stale >= cfg.patience):
+            epoch, epochs = progress.epoch, progress.epochs
             train_model.train()
             try:
                 record = {"epoch": epoch, **train_epoch(train_step, batches, epoch, run, progress, stop)}
@@ -525,6 +553,7 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches, val
                     print(f"stopped by {signal.Signals(s.signum).name} at epoch {epoch}, batch {progress.batch}: "
                           f"resume with `python train.py --resume {run.out}`", file=sys.stderr)
                 raise
+            trained = time.perf_counter()
             # every rank validates (it is small and resident); under DDP rank 0's numbers decide (BatchNorm
             # statistics differ per rank), so all ranks stop together
             val = validate(eval_model, val_set, cfg, run, 2 * batches.batch_size)
@@ -533,11 +562,15 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches, val
                 dist.broadcast(agreed, 0)
                 val = dict(zip(val, agreed.tolist()))
             record.update(val, lr=optimizer.param_groups[0]["lr"])
+            if epoch == 1 and cfg.time_budget:
+                epoch_s = record["seconds"] + time.perf_counter() - trained  # training (resumed or not) + validation
+                epochs = fit_budget(cfg, run, epoch_s, len(batches), scheduler.lr_lambdas[0])
             improved = record["val_dice"] > progress.best_dice
             progress = Progress(epoch + 1, 0, None, 0.0, progress.log + [record],
-                                record["val_dice"] if improved else progress.best_dice, 0 if improved else progress.stale + 1)
+                                record["val_dice"] if improved else progress.best_dice, 0 if improved else progress.stale + 1,
+                                epochs)
             if run.master:
-                print(f"epoch {epoch}/{cfg.epochs}: loss {record['train_loss']:.4f}, val loss {val['val_loss']:.4f}, val "
+                print(f"epoch {epoch}/{epochs}: loss {record['train_loss']:.4f}, val loss {val['val_loss']:.4f}, val "
                       f"Dice {val['val_dice']:.4f}, val IoU {val['val_iou']:.4f}, {record['slices_per_s']:.0f} slices/s",
                       flush=True)
                 with open(run.out / "log.jsonl", "a") as f:
@@ -549,7 +582,24 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches, val
         best = max(progress.log, key=lambda r: r["val_dice"])
         print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best['val_dice']:.4f} at "
               f"epoch {best['epoch']})")
-    return progress.log
+    return progress.log, progress.epochs
+
+
+def fit_budget(cfg: TrainConfig, run: Run, epoch_s: float, steps_per_epoch: int, schedule: Schedule) -> int:
+    """After epoch 1: the epochs that fit --time-budget (rank 0's count on every rank); the schedule's cosine is
+    laid over them. Epoch 1 was all warm-up (--warmup >= 1), so the run equals one with --epochs COUNT. A run
+    resumed during epoch 1 counts the budget from its resumption."""
+    epochs = epochs_in_budget(60 * cfg.time_budget, time.perf_counter() - run.started, epoch_s, cfg.epochs)
+    if run.ddp:
+        agreed = torch.tensor([epochs], device=run.device)
+        dist.broadcast(agreed, 0)
+        epochs = int(agreed.item())
+    schedule.total_steps = epochs * steps_per_epoch
+    if run.master:
+        print(f"time budget {cfg.time_budget:g} min: {(time.perf_counter() - run.started) / 60:.1f} min so far, "
+              f"{epoch_s:.0f} s an epoch: training for {epochs} epochs (--epochs {cfg.epochs} at most); "
+              f"--epochs {epochs} without --time-budget reproduces this run", flush=True)
+    return epochs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -601,7 +651,8 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
     return summary, records, masks
 
 
-def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[dict]) -> tuple[list[dict], dict]:
+def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[dict],
+         epochs: int) -> tuple[list[dict], dict]:
     """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
     then evaluate the test patients once; writes metrics.json. Returns the per-slice rows and masks of the test
     patients for the figures."""
@@ -616,7 +667,7 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     summary, records, masks = evaluate(volume_probs(predictor, cache, split["test"]), cache, post)
     kept = ckpt["epoch"]
     result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "train_on": cfg.train_on, "best_epoch": kept,
-              "epochs_run": len(log), "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)],
+              "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget, "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)],
               "size": cfg.size, "folds": cfg.folds, "fold": cfg.fold, "split": split}
     with data.atomic_path(run.out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
@@ -662,13 +713,13 @@ def main(cfg: TrainConfig) -> None:
     if run.master:
         print(f"model: {model.cfg}, {count_parameters(model) / 1e6:.2f} M parameters; device {run.device}, "
               f"{run.speed}; world {run.world}; {len(batches)} batches of {batches.batch_size} per epoch")
-    log = fit(cfg, run, model, batches, val_set)
+    log, epochs = fit(cfg, run, model, batches, val_set)
     if run.ddp:
         dist.destroy_process_group()
     if not run.master:
         return
     try:
-        records, masks = test(cfg, run, cache, split, log)
+        records, masks = test(cfg, run, cache, split, log, epochs)
         make_figures(run, cache, log, records, masks)
     except data.UserError:
         raise

@@ -1,4 +1,5 @@
-"""train.py under torchrun: two CPU processes, gloo backend, one tiny epoch.
+"""train.py under torchrun: two CPU processes, gloo backend, one tiny epoch (with a --time-budget, whose epoch
+count rank 0 decides and broadcasts).
 
 The data are 3 synthetic volumes of 8 slices (6 with brain each; split 1/1/1 by patient), so the training set
 has 6 slices: with batch 2, one process runs 3 steps per epoch and each of two ranks runs 6 // (2 * 2) = 1,
@@ -59,7 +60,7 @@ def free_port() -> int:
 def torchrun(script: str, tmp: Path, out: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_port", str(free_port()),
            script, "--data", DATA, "--size", str(SIZE), "--epochs", "1", "--base", "4", "--depth", "2",
-           "--batch-size", str(BATCH), "--device", "cpu", "--compile", "off", "--cache-dir", str(tmp), "--out", str(out)]
+           "--batch-size", str(BATCH), "--device", "cpu", "--compile", "off", "--time-budget", "30", "--cache-dir", str(tmp), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REPO": str(REPO), **(extra_env or {})}
     for attempt in range(2):  # a port taken between free_port() and torchrun's bind is the machine's fault: retry once
         try:
@@ -102,7 +103,7 @@ def n_train_slices(run: Path, cache_dir: Path) -> int:
 
 
 def test_ddp_run_writes_the_run_folder(ddp_run):
-    _, run, _ = ddp_run
+    proc, run, _ = ddp_run
     for name in ("best.pt", "metrics.json", "log.jsonl", "config.json", "split.json"):
         assert (run / name).is_file(), f"{name} missing from {sorted(p.name for p in run.iterdir())}"
     lines = (run / "log.jsonl").read_text().splitlines()
@@ -110,6 +111,8 @@ def test_ddp_run_writes_the_run_folder(ddp_run):
     assert json.loads(lines[0])["epoch"] == 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1 and metrics["test"]["volumes"] == 1
+    # --time-budget: rank 0 counts the epochs that fit and broadcasts the count (a rank left out would hang)
+    assert metrics["epochs"] == 1 and proc.stdout.count("time budget 30 min:") == 1
 
 
 def expected_counts(run: Path, cache_dir: Path) -> tuple[int, int]:

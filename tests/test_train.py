@@ -1,6 +1,7 @@
 """train.py end to end on tiny data, and every bad input as one line on stderr with a non-zero exit."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -163,6 +164,56 @@ def test_select_last_keeps_the_final_epoch_and_patience_0_never_stops(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 3
 
 
+def test_epochs_in_budget_counts_the_epochs_that_end_in_time():
+    # a 600 s budget; set-up and epoch 1 ended at 130 s, an epoch takes 100 s: 4 more end by 530 s, a 5th at 630 s
+    assert train.epochs_in_budget(600, 130, 100, 40) == 5
+    assert train.epochs_in_budget(600, 100, 100, 40) == 6  # the 6th ends at 600 s exactly
+    assert train.epochs_in_budget(600, 130, 100, 3) == 3  # never more than --epochs
+    assert train.epochs_in_budget(600, 900, 100, 40) == 1  # over budget already: the first epoch only
+
+
+def test_a_time_budget_too_short_for_two_epochs_trains_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--data", "synthetic:3x6", *TINY, "--epochs", "3", "--time-budget", "0.0001", "--out", str(out),
+            "--cache-dir", str(tmp_path / "c")]
+    assert train.cli(args) == 0
+    assert "training for 1 epochs (--epochs 3 at most)" in capsys.readouterr().out
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    result = json.loads((out / "metrics.json").read_text())
+    assert (result["epochs"], result["epochs_run"], result["time_budget_min"]) == (1, 1, 0.0001)
+
+
+def test_a_time_budget_run_equals_the_run_of_its_epoch_count_even_when_resumed(tmp_path, monkeypatch):
+    """The epochs that fit are counted once, after epoch 1, and the schedule is laid over them: a --time-budget run
+    whose count is 2 (of --epochs 4), stopped in epoch 2 and resumed, ends with the log, the weights and the test
+    numbers of a plain --epochs 2 run."""
+    counted = []
+    monkeypatch.setattr(train, "epochs_in_budget", lambda budget_s, elapsed_s, epoch_s, most: counted.append(most) or 2)
+    common = ["--data", "synthetic:4x10", *TINY, "--patience", "0", "--select", "last", "--cache-dir", str(tmp_path / "c")]
+    budget, plain = tmp_path / "budget", tmp_path / "plain"
+    requested = train.StopOnSignal.requested
+
+    def sigint_in_epoch_2(self, step):
+        if (budget / "log.jsonl").exists():
+            self.signum = signal.SIGINT
+        return requested(self, step)
+
+    monkeypatch.setattr(train.StopOnSignal, "requested", sigint_in_epoch_2)
+    assert train.cli([*common, "--epochs", "4", "--time-budget", "30", "--out", str(budget)]) == 128 + signal.SIGINT
+    monkeypatch.setattr(train.StopOnSignal, "requested", requested)
+    assert train.cli(["--resume", str(budget)]) == 0
+    assert counted == [4]  # once, and not again on resume
+    assert train.cli([*common, "--epochs", "2", "--out", str(plain)]) == 0
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "slices_per_s")}
+             for line in (out / "log.jsonl").read_text().splitlines()] for out in (budget, plain)]
+    assert len(logs[0]) == 2 and logs[0] == logs[1]
+    results = [json.loads((out / "metrics.json").read_text()) for out in (budget, plain)]
+    assert results[0]["epochs"] == results[1]["epochs"] == 2 and results[0]["time_budget_min"] == 30
+    assert {**results[0], "time_budget_min": 0} == {**results[1], "time_budget_min": 0}
+    weights = [torch.load(out / "best.pt", weights_only=True)["model"] for out in (budget, plain)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def run_cli(*args, cwd=ROOT, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd,
@@ -228,6 +279,8 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--epochs", "-1"], "--epochs must be positive"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--channel", "4"], "--channel must be in 0..3"),
+    (["--time-budget", "-5"], "--time-budget must not be negative"),
+    (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
     (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
     (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
     (["--postprocess", "0.3,-1,on"], "got '0.3,-1,on'"),
