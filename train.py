@@ -582,6 +582,9 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
         best = max(progress.log, key=lambda r: r["val_dice"])
         print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best['val_dice']:.4f} at "
               f"epoch {best['epoch']})")
+    if run.master and cfg.time_budget:  # the count was estimated from epoch 1: say how it came out
+        print(f"training ended {(time.perf_counter() - run.started) / 60:.1f} min after this process set up "
+              f"(--time-budget {cfg.time_budget:g})")
     return progress.log, progress.epochs
 
 

@@ -177,7 +177,8 @@ def test_a_time_budget_too_short_for_two_epochs_trains_one(tmp_path, capsys):
     args = ["--data", "synthetic:3x6", *TINY, "--epochs", "3", "--time-budget", "0.0001", "--out", str(out),
             "--cache-dir", str(tmp_path / "c")]
     assert train.cli(args) == 0
-    assert "training for 1 epochs (--epochs 3 at most)" in capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    assert "training for 1 epochs (--epochs 3 at most)" in stdout and "(--time-budget 0.0001)" in stdout
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     result = json.loads((out / "metrics.json").read_text())
     assert (result["epochs"], result["epochs_run"], result["time_budget_min"]) == (1, 1, 0.0001)
