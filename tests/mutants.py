@@ -70,7 +70,7 @@ MUTANTS = [
     ("--train-on train+val leaves the validation patients out", "train.py",
      "(split[\"val\"] if cfg.train_on == \"train+val\" else [])", "[]", "tests/test_train.py"),
     ("cv.py chooses a fold's post-processing on its own test patients too", "bench/cv.py",
-     "for k in probs if k.split('/', 1)[1] not in tests[fold]]", "for k in probs]", "tests/test_cv.py"),
+     "rule([k for k in probs if k.split(\"/\", 1)[1] not in test_ids])", "rule(list(probs))", "tests/test_cv.py"),
     ("a fixed --postprocess is ignored", "train.py", "post, val_best = parse_postprocess(cfg.postprocess), None",
      "post, val_best = None, None", "tests/test_train.py"),
     ("validation Dice pooled over volumes", "train.py",
