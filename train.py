@@ -592,14 +592,15 @@ def fit_budget(cfg: TrainConfig, run: Run, epoch_s: float, steps_per_epoch: int,
     """After epoch 1: the epochs that fit --time-budget (rank 0's count on every rank); the schedule's cosine is
     laid over them. Epoch 1 was all warm-up (--warmup >= 1), so the run equals one with --epochs COUNT. A run
     resumed during epoch 1 counts the budget from its resumption."""
-    epochs = epochs_in_budget(60 * cfg.time_budget, time.perf_counter() - run.started, epoch_s, cfg.epochs)
+    elapsed_s = time.perf_counter() - run.started
+    epochs = epochs_in_budget(60 * cfg.time_budget, elapsed_s, epoch_s, cfg.epochs)
     if run.ddp:
         agreed = torch.tensor([epochs], device=run.device)
         dist.broadcast(agreed, 0)
         epochs = int(agreed.item())
     schedule.total_steps = epochs * steps_per_epoch
     if run.master:
-        print(f"time budget {cfg.time_budget:g} min: {(time.perf_counter() - run.started) / 60:.1f} min so far, "
+        print(f"time budget {cfg.time_budget:g} min: {elapsed_s / 60:.1f} min so far, "
               f"{epoch_s:.0f} s an epoch: training for {epochs} epochs (--epochs {cfg.epochs} at most); "
               f"--epochs {epochs} without --time-budget reproduces this run", flush=True)
     return epochs
@@ -670,8 +671,8 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     summary, records, masks = evaluate(volume_probs(predictor, cache, split["test"]), cache, post)
     kept = ckpt["epoch"]
     result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "train_on": cfg.train_on, "best_epoch": kept,
-              "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget, "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)],
-              "size": cfg.size, "folds": cfg.folds, "fold": cfg.fold, "split": split}
+              "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget, "data": cfg.data,
+              "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)], "size": cfg.size, "folds": cfg.folds, "fold": cfg.fold, "split": split}
     with data.atomic_path(run.out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     print(f"test ({summary['volumes']} unseen patients, 240x240): volume Dice {summary['volume_dice']:.4f} ± "
