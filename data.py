@@ -627,11 +627,13 @@ def as_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def context_index(counts: list[int], context: int) -> torch.Tensor:
+def context_index(counts: list[int], context: int, step: int = 1) -> torch.Tensor:
     """For slices stacked volume after volume (`counts` slices each): the (N, 2 * context + 1) indices of each
-    slice's neighbours z - context .. z + context in its own volume; the first and last slice repeat at the ends."""
+    slice's neighbours z - context * step, .., z - step, z, z + step, .., z + context * step in its own volume;
+    the first and last slice repeat beyond the ends. A step > 1 spans more of the tumour's extent in z for the
+    same number of input channels."""
     rows, start = [], 0
-    offsets = torch.arange(-context, context + 1)
+    offsets = torch.arange(-context, context + 1) * step
     for c in counts:
         z = torch.arange(c)[:, None] + offsets
         rows.append(start + z.clamp(0, max(c - 1, 0)))
@@ -665,7 +667,7 @@ class SliceSet:
 
 
 def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0,
-                device: torch.device | str = "cpu") -> SliceSet:
+                device: torch.device | str = "cpu", context_step: int = 1) -> SliceSet:
     """Load the cached slices of these volumes into one tensor on `device`, volume by volume.
 
     On CUDA, when the set does not fit in free memory (with 4 GB headroom), it stays in pinned host memory
@@ -692,7 +694,7 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], contex
         masks[start:start + c].copy_(torch.from_numpy(cache.masks(vid)))
         start += c
     volume = torch.repeat_interleave(torch.arange(len(volume_ids)), torch.tensor(counts, dtype=torch.long))
-    return SliceSet(images, masks, volume, list(volume_ids), context_index(counts, context).to(target))
+    return SliceSet(images, masks, volume, list(volume_ids), context_index(counts, context, context_step).to(target))
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False,
@@ -746,11 +748,12 @@ class DiskSlices(torch.utils.data.Dataset):
     """Slices read one at a time from the memory-mapped disk cache, for DataLoader workers (the --resident off
     path): (image float16 (K * C, H, W) with its context, mask uint8 (H, W))."""
 
-    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0):
+    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0,
+                 context_step: int = 1):
         self.cache, self.channels = cache, channels
         counts = [len(cache.volume(v)["slices"]) for v in volume_ids]
         self.index = [(v, k) for v, c in zip(volume_ids, counts) for k in range(c)]
-        self.context = context_index(counts, context)
+        self.context = context_index(counts, context, context_step)
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # opened lazily, per worker process
 
     def __len__(self) -> int:
@@ -790,16 +793,16 @@ class TrainBatches:
     """
 
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
-                 batch_size: int, *, context: int = 0, resident: bool = True, workers: int = 2, seed: int = 0,
+                 batch_size: int, *, context: int = 0, context_step: int = 1, resident: bool = True, workers: int = 2, seed: int = 0,
                  rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False, intensity: float = 0.1):
         self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
         self.seed, self.rank, self.world = seed, rank, world
         self.augment, self.affine, self.intensity = augment, affine, intensity
         if resident:
-            self.slices = load_slices(cache, volume_ids, channels, context, self.device)
+            self.slices = load_slices(cache, volume_ids, channels, context, self.device, context_step)
             self.n = len(self.slices)
         else:
-            dataset = DiskSlices(cache, volume_ids, channels, context)
+            dataset = DiskSlices(cache, volume_ids, channels, context, context_step)
             self.n, self.sampler = len(dataset), OrderSampler()
             self.loader = torch.utils.data.DataLoader(
                 dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, num_workers=workers,

@@ -157,6 +157,7 @@ class Predictor:
     models: list[torch.nn.Module]
     channels: list[int]       # indices into data.CHANNELS
     context: int              # neighbour slices on each side
+    context_step: int         # slices between neighbours
     size: int
     crop: bool
     device: torch.device
@@ -174,14 +175,15 @@ class Predictor:
         the median threshold and minimum component of its members, largest-3D by majority."""
         loaded = [load_checkpoint(p, device) for p in paths]
         ckpts = [c for _, c in loaded]
-        prep = [(list(c["channels"]), c["context"], c["size"], c["crop"]) for c in ckpts]
+        prep = [(list(c["channels"]), c["context"], c.get("context_step", 1), c["size"], c["crop"]) for c in ckpts]
         if any(p != prep[0] for p in prep):
-            raise data.UserError(f"checkpoints disagree on channels/context/size/crop: {prep}: an ensemble needs one preprocessing")
+            raise data.UserError(f"checkpoints disagree on channels/context/context step/size/crop: {prep}: an ensemble "
+                                 f"needs one preprocessing")
         config = ckpts[0].get("config", {})  # the run's own amp / channels_last settings, resolved for this device
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]
-        channels, context, size, crop = prep[0]
-        return cls(models, channels, context, size, crop, device, speed, batch_size, tta,
+        channels, context, context_step, size, crop = prep[0]
+        return cls(models, channels, context, context_step, size, crop, device, speed, batch_size, tta,
                    threshold=float(np.median([c["threshold"] for c in ckpts])),
                    min_component=int(np.median([c["min_component"] for c in ckpts])),
                    largest_3d=2 * sum(bool(c["largest_3d"]) for c in ckpts) > len(ckpts))
@@ -194,7 +196,7 @@ class Predictor:
         """Tumour probabilities (S, 240, 240) float16 of one volume's preprocessed slices (S, 4, size, size)
         (as data.preprocess_volume or the cache give them), averaged over models (and flips)."""
         x = torch.from_numpy(np.ascontiguousarray(images[:, self.channels]))
-        context = data.context_index([len(x)], self.context)
+        context = data.context_index([len(x)], self.context, self.context_step)
         total = None
         for model in self.models:
             for dims in (FLIPS if self.tta else FLIPS[:1]):

@@ -53,6 +53,8 @@ class TrainConfig:
     channel: int | None = option(None, f"train on one modality only, an index into {MODALITIES} (0 = FLAIR); "
                                        "None: all four", type=int)
     context: int = option(0, "neighbouring slices on each side stacked as extra input channels (2.5D); 0: the slice alone")
+    context_step: int = option(1, "slices between the context's neighbours (z ± STEP, z ± 2·STEP, ..): a wider view "
+                                  "in z for the same channels")
     size: int = option(240, "slices are resized to SIZE x SIZE pixels for training")
     crop: str = option("on", "crop each volume to its brain's box before resizing, so the SIZE pixels span the brain",
                        ON_OFF)
@@ -155,7 +157,7 @@ def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise a UserError naming the first flag with a bad value."""
-    for name in ("size", "epochs", "batch_size", "base", "depth"):
+    for name in ("size", "epochs", "batch_size", "base", "depth", "context_step"):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget"):
@@ -288,10 +290,10 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     n_train = sum(len(cache.volume(v)["slices"]) for v in trained_on)
     batch_size = min(cfg.batch_size, n_train // run.world)
     batches = data.TrainBatches(
-        cache, trained_on, channels, run.device, batch_size, context=cfg.context, resident=cfg.resident == "on",
-        workers=cfg.workers, seed=cfg.seed, rank=run.rank, world=run.world, augment=cfg.augment == "on",
-        affine=cfg.affine == "on", intensity=cfg.intensity)
-    val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device)
+        cache, trained_on, channels, run.device, batch_size, context=cfg.context, context_step=cfg.context_step,
+        resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed, rank=run.rank, world=run.world,
+        augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity)
+    val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
                              f"chosen on them (--select best / --postprocess val): use more volumes or another --seed")
@@ -303,7 +305,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         print(f"data: {len(cache.volume_ids)} volumes, {cache.meta['kept']} slices with brain ({cache.meta['dropped']} "
               f"without brain dropped); split by patient {len(split['train'])}/{len(split['val'])}/{len(split['test'])} "
               f"volumes ({counts['train']}/{counts['val']}/{counts['test']} slices); channels "
-              f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context}, crop {cfg.crop}")
+              f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context} (step {cfg.context_step}), crop {cfg.crop}")
         if cfg.train_on == "train+val":
             print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
                   f"of patients trained on")
@@ -497,7 +499,8 @@ def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> di
     """What best.pt holds: weights, model and run config, preprocessing, and the post-processing (defaults until
     it is chosen on validation after training)."""
     return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
-            "channels": channel_list(cfg.channel), "context": cfg.context, "size": cfg.size, "crop": cfg.crop == "on",
+            "channels": channel_list(cfg.channel), "context": cfg.context, "context_step": cfg.context_step,
+            "size": cfg.size, "crop": cfg.crop == "on",
             "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
 
 

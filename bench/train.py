@@ -209,7 +209,7 @@ def run_row(key: str, cfg: train.TrainConfig, device: torch.device, cache: data.
             train.tune_cuda()
         batches = train_batches(data.TrainBatches(
             cache, split["train"], train.channel_list(cfg.channel), device, cfg.batch_size, context=cfg.context,
-            resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed))
+            context_step=cfg.context_step, resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed))
     torch.manual_seed(cfg.seed)
     model = train.build_model(cfg).to(device)
     if speed.channels_last:

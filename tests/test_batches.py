@@ -80,6 +80,18 @@ def test_an_epoch_is_a_permutation_of_the_training_slices_each_with_its_own_mask
     assert second != seen and seen != sorted(seen)  # shuffled, and differently each epoch
 
 
+@pytest.mark.parametrize("resident", [True, False])
+def test_a_context_step_takes_the_neighbours_that_many_slices_away(tagged, resident):
+    """--context 2 --context-step 2: channels z - 4, z - 2, z, z + 2, z + 4 of the slice's own volume, the edge
+    slices repeated beyond its ends (volume v1 has 7 slices, so most slices reach past an end)."""
+    batches = data.TrainBatches(tagged, ["v1"], [0], "cpu", 7, context=2, context_step=2, resident=resident,
+                                workers=0, augment=False)
+    (x, y), = epoch_batches(batches, 1)
+    assert x.shape == (7, 5, SIZE, SIZE)
+    for row, t in zip(tags(x).tolist(), tags(y[:, 0]).tolist()):
+        assert row == [neighbour(t, -4), neighbour(t, -2), t, neighbour(t, 2), neighbour(t, 4)]
+
+
 def test_ranks_share_an_epoch_without_overlap(tagged):
     ids = ["v0", "v1", "v2"]
     shares = []

@@ -165,6 +165,35 @@ def test_predict_reproduces_train_evaluation(sample_subset, tmp_path):
     assert inter / (p + t - inter) == pytest.approx(row["iou"], abs=1e-6)
 
 
+def test_the_context_step_travels_from_training_to_prediction(tmp_path, monkeypatch):
+    """A run trained with --context 1 --context-step 2 stores the step in best.pt, and the Predictor built from it
+    feeds the model each slice with the slices two away (hand-written rows for 5 slices, ends repeated); a
+    checkpoint from before the flag existed predicts with step 1, and an ensemble of the two is refused."""
+    run = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
+                      "--batch-size", "4", "--context", "1", "--context-step", "2", "--device", "cpu",
+                      "--cache-dir", str(tmp_path / "cache"), "--out", str(run)]) == 0
+    raw = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    assert raw["context"] == 1 and raw["context_step"] == 2
+    seen = []
+
+    def spy_logits(model, images, context, device, batch_size, speed):
+        seen.append(context.tolist())
+        return torch.zeros(len(context), images.shape[-2], images.shape[-1])
+
+    monkeypatch.setattr(inference, "predict_logits", spy_logits)
+    images = np.zeros((5, 4, 32, 32), np.float16)
+    inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu")).probs(images, (0, 0, 32))
+    assert seen[-1] == [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]]
+    del raw["context_step"]
+    old = tmp_path / "old.pt"
+    torch.save(raw, old)
+    inference.Predictor.from_checkpoints([old], torch.device("cpu")).probs(images, (0, 0, 32))
+    assert seen[-1] == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
+    with pytest.raises(data.UserError, match="context step"):
+        inference.Predictor.from_checkpoints([run / "best.pt", old], torch.device("cpu"))
+
+
 def test_checkpoint_round_trips(ckpt):
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert {"threshold", "min_component", "channels", "size", "config", "model", "unet"} <= raw.keys()
