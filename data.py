@@ -793,8 +793,9 @@ class TrainBatches:
     """
 
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
-                 batch_size: int, *, context: int = 0, context_step: int = 1, resident: bool = True, workers: int = 2, seed: int = 0,
-                 rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False, intensity: float = 0.1):
+                 batch_size: int, *, context: int = 0, context_step: int = 1, resident: bool = True, workers: int = 2,
+                 seed: int = 0, rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False,
+                 intensity: float = 0.1):
         self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
         self.seed, self.rank, self.world = seed, rank, world
         self.augment, self.affine, self.intensity = augment, affine, intensity

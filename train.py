@@ -675,7 +675,8 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     kept = ckpt["epoch"]
     result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "train_on": cfg.train_on, "best_epoch": kept,
               "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget, "data": cfg.data,
-              "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)], "size": cfg.size, "folds": cfg.folds, "fold": cfg.fold, "split": split}
+              "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)], "size": cfg.size, "folds": cfg.folds,
+              "fold": cfg.fold, "split": split}
     with data.atomic_path(run.out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     print(f"test ({summary['volumes']} unseen patients, 240x240): volume Dice {summary['volume_dice']:.4f} ± "
