@@ -107,7 +107,11 @@ class TrainConfig:
                                ("auto", "triton", "torch"))
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     # run
-    seed: int = option(0, "seeds the split, the model's initialisation, shuffling and augmentation")
+    seed: int = option(0, "seeds the split and (unless --train-seed) the model's initialisation, shuffling and "
+                          "augmentation")
+    train_seed: int | None = option(None, "seeds only the model's initialisation, shuffling and augmentation: the "
+                                          "same split trained again with other randomness (seed-to-seed spread, "
+                                          "ensembles); None: --seed", type=int)
     out: str = option("runs/latest", "the run folder; one that holds a run is refused unless --overwrite on")
     resume: str | None = option(None, "continue the stopped run in this folder from its last.pt, with its own config",
                                 type=str)
@@ -178,6 +182,11 @@ def check_config(cfg: TrainConfig) -> None:
                              "them: it needs --select last --patience 0 and a fixed --postprocess (e.g. 0.3,50,on)")
 
 
+def training_seed(cfg: TrainConfig) -> int:
+    """The seed of everything random in training but the split: --train-seed, or --seed when it is not given."""
+    return cfg.seed if cfg.train_seed is None else cfg.train_seed
+
+
 def parse_postprocess(text: str) -> dict | None:
     """--postprocess: None for 'val' (chosen on validation), else the fixed {threshold, min_component, largest_3d};
     a UserError for anything else."""
@@ -229,7 +238,7 @@ def set_up(cfg: TrainConfig) -> Run:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(training_seed(cfg) + rank)
     if device.type == "cuda":
         tune_cuda()
     speed = inference.resolve_speed(device, cfg.amp, cfg.channels_last, cfg.compile)
@@ -291,7 +300,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     batch_size = min(cfg.batch_size, n_train // run.world)
     batches = data.TrainBatches(
         cache, trained_on, channels, run.device, batch_size, context=cfg.context, context_step=cfg.context_step,
-        resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed, rank=run.rank, world=run.world,
+        resident=cfg.resident == "on", workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world,
         augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
