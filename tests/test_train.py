@@ -103,6 +103,41 @@ def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocess
     assert (ckpt["threshold"], ckpt["min_component"], ckpt["largest_3d"]) == (0.35, 7, False)
 
 
+def test_train_seed_changes_the_training_randomness_and_not_the_split(tmp_path, monkeypatch):
+    """--train-seed seeds the initial weights and the batches (order, augmentation) and leaves the split to --seed;
+    without it, --seed seeds all of them, as before the flag."""
+    seen = {}
+    original_init, original_build = data.TrainBatches.__init__, train.build_model
+
+    def record_batches(self, *args, seed, **kwargs):
+        seen["batch_seed"] = seed
+        original_init(self, *args, seed=seed, **kwargs)
+
+    def record_weights(cfg):
+        model = original_build(cfg)
+        seen["weights"] = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        return model
+
+    monkeypatch.setattr(data.TrainBatches, "__init__", record_batches)
+    monkeypatch.setattr(train, "build_model", record_weights)
+
+    def run(name: str, *seeds: str) -> tuple[dict, int, torch.Tensor]:
+        out = tmp_path / name
+        assert train.cli(["--data", "synthetic:6x4", *TINY, "--epochs", "1", *seeds, "--select", "last",
+                          "--postprocess", "0.5,0,off", "--out", str(out),
+                          "--cache-dir", str(tmp_path / "c")]) == 0
+        return json.loads((out / "split.json").read_text()), seen["batch_seed"], seen["weights"]
+
+    split0, batch0, weights0 = run("seed0")
+    split_t1, batch_t1, weights_t1 = run("seed0_train1", "--train-seed", "1")
+    split1_t0, batch1_t0, weights1_t0 = run("seed1_train0", "--seed", "1", "--train-seed", "0")
+    split1, batch1, weights1 = run("seed1", "--seed", "1")
+    assert split_t1 == split0 and split1_t0 == split1 and split1 != split0
+    assert (batch0, batch_t1, batch1_t0, batch1) == (0, 1, 0, 1)
+    assert torch.equal(weights1_t0, weights0) and torch.equal(weights_t1, weights1)
+    assert not torch.equal(weights_t1, weights0)
+
+
 def test_a_train_step_learns(tmp_path):
     """train.py's own step, 40 times on one batch of phantom slices: the loss falls and the batch is learnt (an
     optimiser that never steps, or a schedule stuck at zero, leaves the loss where it started)."""
