@@ -164,8 +164,9 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("size", "epochs", "batch_size", "base", "depth", "context_step"):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget"):
-        if getattr(cfg, name) < 0:
+    for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget", "seed",
+                 "train_seed"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")

@@ -316,6 +316,8 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--channel", "4"], "--channel must be in 0..3"),
     (["--time-budget", "-5"], "--time-budget must not be negative"),
+    (["--seed", "-1"], "--seed must not be negative"),
+    (["--train-seed", "-2"], "--train-seed must not be negative"),
     (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
     (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
     (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
