@@ -166,8 +166,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget", "seed",
                  "train_seed"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
-            raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+        value = getattr(cfg, name)
+        if value is not None and value < 0:  # None: --train-seed not given
+            raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
