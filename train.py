@@ -90,7 +90,10 @@ class TrainConfig:
     loss_mode: str = option("batch", "Dice over the whole batch, or per image then averaged", ("batch", "image"))
     bce_weight: float = option(1.0, "weight of BCE in the loss")
     dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
-    # augmentation (on the device)
+    # sampling and augmentation (on the device)
+    oversample: float = option(1.0, "slices at the tumour's extremities (less tumour than a quarter of the volume's "
+                                    "largest section) drawn this many times as often as the others (epochs of as "
+                                    "many draws, with replacement); 1: every slice once an epoch")
     augment: str = option("on", "random flips, 90 degree rotations, intensity scale/shift", ON_OFF)
     affine: str = option("off", "also a small random rotation (±15°) and zoom (±10%%)", ON_OFF)
     intensity: float = option(0.1, "brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY")
@@ -171,6 +174,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
+    if not cfg.oversample > 0:
+        raise data.UserError(f"--oversample must be positive, got {cfg.oversample}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
         raise data.UserError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:
@@ -303,7 +308,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     batches = data.TrainBatches(
         cache, trained_on, channels, run.device, batch_size, context=cfg.context, context_step=cfg.context_step,
         resident=cfg.resident == "on", workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world,
-        augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity)
+        augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity, oversample=cfg.oversample)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
