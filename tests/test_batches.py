@@ -103,6 +103,52 @@ def test_ranks_share_an_epoch_without_overlap(tagged):
     assert len(flat) == len(set(flat)) == 18 and set(flat) == set(range(1, 19))
 
 
+def test_extremity_weights_mark_the_slices_with_a_little_tumour(tmp_path):
+    """Hand-made tumour areas per slice: the slices with some tumour but under a quarter of the volume's largest
+    section get the factor; empty slices, the bulk, and a volume without tumour keep weight 1."""
+    areas = {"a": [0, 1, 4, 10, 16, 3, 0], "b": [0, 0, 0], "c": [8, 2, 1]}  # a: max 16, cut 4; c: max 8, cut 2
+    volumes = []
+    for vid, per_slice in areas.items():
+        masks = np.zeros((len(per_slice), SIZE, SIZE), np.uint8)
+        for k, area in enumerate(per_slice):
+            masks[k].flat[:area] = 1
+        np.save(tmp_path / f"masks_{vid}.npy", masks)
+        volumes.append({"id": vid, "slices": list(range(len(per_slice))), "depth": len(per_slice),
+                        "box": [0, 0, SIZE], "spacing": [1, 1, 1]})
+    cache = data.Cache(tmp_path, {"size": SIZE, "volumes": volumes})
+    weights = data.extremity_weights(cache, ["a", "b", "c"], 3.0)
+    assert weights.tolist() == [1, 3, 1, 1, 1, 3, 1] + [1, 1, 1] + [1, 1, 3]
+    assert data.extremity_weights(cache, ["c", "a"], 2.5).tolist() == [1, 1, 2.5] + [1, 2.5, 1, 1, 1, 2.5, 1]
+
+
+def test_oversampled_extremities_are_drawn_that_many_times_as_often(tagged):
+    """--oversample 5 on the tagged volumes: only slice 1 is an extremity (area 1 under a quarter of v0's largest,
+    5; the others' smallest sections exceed theirs), so over many epochs it is drawn about 5 times as often as each
+    other slice, an epoch still has 18 draws, an epoch replays the same draws, and the disk path draws them too."""
+    batches = data.TrainBatches(tagged, ["v0", "v1", "v2"], [0], "cpu", 3, augment=False, seed=2, oversample=5.0)
+    assert len(batches) == 6
+    drawn = [t for epoch in range(1, 201) for x, _ in epoch_batches(batches, epoch) for t in tags(x[:, 0]).tolist()]
+    counts = np.bincount(drawn, minlength=19)[1:]
+    assert len(drawn) == 200 * 18 and counts.sum() == len(drawn)
+    expected_others = len(drawn) / (17 + 5)  # 17 slices of weight 1, one of weight 5
+    assert abs(counts[0] / expected_others - 5) < 0.6
+    assert (np.abs(counts[1:] / expected_others - 1) < 0.3).all()
+    again = [t for x, _ in epoch_batches(batches, 7) for t in tags(x[:, 0]).tolist()]
+    assert again == drawn[6 * 18:7 * 18]
+    disk = data.TrainBatches(tagged, ["v0", "v1", "v2"], [0], "cpu", 3, resident=False, workers=0, augment=False,
+                             seed=2, oversample=5.0)
+    assert [t for x, _ in epoch_batches(disk, 7) for t in tags(x[:, 0]).tolist()] == again
+
+
+def test_oversample_1_is_the_permutation(tagged):
+    """The default draws every slice once an epoch, the same order as without the argument."""
+    plain = data.TrainBatches(tagged, ["v0", "v1", "v2"], [0], "cpu", 3, augment=False, seed=4)
+    one = data.TrainBatches(tagged, ["v0", "v1", "v2"], [0], "cpu", 3, augment=False, seed=4, oversample=1.0)
+    order = [t for x, _ in epoch_batches(one, 2) for t in tags(x[:, 0]).tolist()]
+    assert order == [t for x, _ in epoch_batches(plain, 2) for t in tags(x[:, 0]).tolist()]
+    assert sorted(order) == list(range(1, 19))
+
+
 @pytest.mark.parametrize("resident", [True, False])
 def test_an_epoch_restarted_at_a_batch_sees_the_same_batches(tagged, resident):
     """What resuming mid-epoch relies on: batch b of epoch e is the same whether the epoch starts at 0 or at b."""

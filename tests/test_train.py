@@ -85,6 +85,22 @@ def test_training_uses_only_the_training_patients(tmp_path, monkeypatch):
     assert tested == set(split["test"])
 
 
+def test_oversample_reaches_the_batches_and_the_log(tmp_path, monkeypatch, capsys):
+    """--oversample 4: the training batches weight some slices 4 and the rest 1 (1 without the flag), and the run
+    says how many."""
+    built = []
+    original = data.TrainBatches.__init__
+    monkeypatch.setattr(data.TrainBatches, "__init__", lambda self, *a, **k: built.append(self) or original(self, *a, **k))
+    for name, flags in (("plain", []), ("oversampled", ["--oversample", "4"])):
+        assert train.cli(["--data", "synthetic:6x12", *TINY, "--epochs", "1", *flags, "--out", str(tmp_path / name),
+                          "--cache-dir", str(tmp_path / "c")]) == 0
+    plain, oversampled = built
+    assert plain.weights is None
+    assert set(oversampled.weights.tolist()) == {1.0, 4.0}
+    n = int((oversampled.weights == 4).sum())
+    assert f"oversampling: {n} of {len(oversampled.weights)} training slices" in capsys.readouterr().out
+
+
 def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocessing(tmp_path, monkeypatch):
     """--train-on train+val: the batches hold the training and the validation patients, never a test patient; the
     fixed --postprocess (off the search grid, so it cannot have been chosen) is what the test used and best.pt keeps."""
@@ -318,6 +334,7 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--time-budget", "-5"], "--time-budget must not be negative"),
     (["--seed", "-1"], "--seed must not be negative"),
     (["--train-seed", "-2"], "--train-seed must not be negative"),
+    (["--oversample", "0"], "--oversample must be positive"),
     (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
     (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
     (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
