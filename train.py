@@ -174,8 +174,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
-    if not cfg.oversample > 0:
-        raise data.UserError(f"--oversample must be positive, got {cfg.oversample}")
+    if not 0 < cfg.oversample < math.inf:
+        raise data.UserError(f"--oversample must be positive and finite, got {cfg.oversample}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
         raise data.UserError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:

@@ -335,6 +335,7 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--seed", "-1"], "--seed must not be negative"),
     (["--train-seed", "-2"], "--train-seed must not be negative"),
     (["--oversample", "0"], "--oversample must be positive"),
+    (["--oversample", "inf"], "--oversample must be positive and finite"),
     (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
     (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
     (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
