@@ -759,7 +759,8 @@ def extremity_weights(cache: Cache, volume_ids: list[str], factor: float,
     """
     weights = []
     for vid in volume_ids:
-        area = cache.masks(vid).reshape(len(cache.volume(vid)["slices"]), -1).sum(1, dtype=np.int64)
+        masks = cache.masks(vid, mmap=True)
+        area = masks.reshape(len(masks), -1).sum(1, dtype=np.int64)
         extremity = (area > 0) & (area < fraction * area.max())
         weights.append(np.where(extremity, factor, 1.0))
     return torch.from_numpy(np.concatenate(weights))

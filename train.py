@@ -326,9 +326,9 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
             print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
                   f"of patients trained on")
         if batches.weights is not None:
-            extremities = int((batches.weights != 1).sum())
-            share = float(batches.weights[batches.weights != 1].sum() / batches.weights.sum())
-            print(f"oversampling: {extremities} of {n_train} training slices cut a tumour's extremity, drawn "
+            extremity = batches.weights != 1
+            share = float(batches.weights[extremity].sum() / batches.weights.sum())
+            print(f"oversampling: {int(extremity.sum())} of {n_train} training slices cut a tumour's extremity, drawn "
                   f"{cfg.oversample:g}x as often ({share:.0%} of the draws)")
     return cache, split, batches, val_set
 
