@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -71,6 +72,9 @@ class TrainConfig:
     base: int = option(32, "U-Net width at the first level (doubles at each level down)")
     depth: int = option(4, "down-sampling steps of the U-Net")
     norm: str = option("batch", "normalisation layer", ("batch", "instance", "group", "none"))
+    deep_supervision: int = option(0, "deep supervision (nnU-Net): 1x1 logit heads on this many more decoder levels "
+                                      "(1/2, 1/4, .. of the size) trained on the area-averaged mask, loss weights 1, "
+                                      "1/2, 1/4, .. normalised; used in training only; 0: off")
     # optimisation
     epochs: int = option(40, "epochs at most")
     time_budget: float = option(0.0, "minutes of wall clock for set-up and training (the test phase follows): after the "
@@ -172,6 +176,9 @@ def check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 0:  # None: --train-seed not given
             raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if not 0 <= cfg.deep_supervision < cfg.depth:
+        raise data.UserError(f"--deep-supervision must be in 0..{cfg.depth - 1} with --depth {cfg.depth} (one head per "
+                             f"decoder level below the output), got {cfg.deep_supervision}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
     if not 0 < cfg.oversample < math.inf:
@@ -339,7 +346,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
 
 def build_model(cfg: TrainConfig) -> UNet:
     return UNet(UNetConfig(in_channels=len(channel_list(cfg.channel)) * (2 * cfg.context + 1), base=cfg.base,
-                           depth=cfg.depth, norm=cfg.norm))
+                           depth=cfg.depth, norm=cfg.norm, deep_supervision=cfg.deep_supervision))
 
 
 @dataclass
@@ -370,6 +377,19 @@ def epochs_in_budget(budget_s: float, elapsed_s: float, epoch_s: float, max_epoc
     return max(1, min(max_epochs, 1 + int((budget_s - elapsed_s) // epoch_s)))
 
 
+def deep_supervision_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: torch.Tensor,
+                          cfg: TrainConfig) -> torch.Tensor:
+    """Dice + BCE of the full-size logits, plus (deep supervision) that of each auxiliary head against the mask
+    area-averaged to its size (the tumour fraction of each cell: a soft target), weighted 1, 1/2, 1/4, .. and
+    normalised to sum 1 as in nnU-Net. Without auxiliary heads it is the plain loss."""
+    weights = [0.5**i for i in range(len(aux_logits) + 1)]
+    outputs = [logits, *aux_logits]
+    targets = [target, *(F.adaptive_avg_pool2d(target.float(), a.shape[-2:]) for a in aux_logits)]
+    return sum(w / sum(weights) * dice_bce_loss(out, t, mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
+                                                dice_weight=cfg.dice_weight, backend=cfg.loss_backend)
+               for w, out, t in zip(weights, outputs, targets))
+
+
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
                     cfg: TrainConfig, device: torch.device, speed: inference.Speed):
     """One optimisation step `train_step(x, y) -> (loss, detached logits)` with the fast-path tricks in `speed`:
@@ -378,10 +398,8 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
-            logits = model(x)
-        loss = dice_bce_loss(logits, y, mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
-                             dice_weight=cfg.dice_weight, backend=cfg.loss_backend)
-        return loss, logits.detach()
+            logits, aux_logits = model(x, aux=True) if cfg.deep_supervision else (model(x), [])
+        return deep_supervision_loss(logits, aux_logits, y, cfg), logits.detach()
 
     forward = torch.compile(forward_loss) if speed.compile else forward_loss
 

@@ -15,6 +15,7 @@ class UNetConfig:
     base: int = 32         # channels at the first level; doubles at each level down
     depth: int = 4         # number of down-sampling steps
     norm: str = "batch"    # batch | instance | group | none
+    deep_supervision: int = 0  # extra 1x1 heads on the decoder levels at 1/2, 1/4, ... of the input (training only)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -55,8 +56,11 @@ class UNet(nn.Module):
         self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(cfg.depth)))
         self.up = nn.ModuleList(DoubleConv(2 * widths[i], widths[i], cfg.norm) for i in reversed(range(cfg.depth)))
         self.head = nn.Conv2d(widths[0], cfg.out_channels, 1)
+        # deep supervision (nnU-Net): a logit head on each of the next-finest decoder levels, finest first
+        self.aux_heads = nn.ModuleList(nn.Conv2d(widths[i], cfg.out_channels, 1) for i in range(1, cfg.deep_supervision + 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits at the input size; with aux=True also the auxiliary heads' logits at 1/2, 1/4, ... of it."""
         h, w = x.shape[-2:]
         m = 2**self.cfg.depth
         pad_h, pad_w = (-h) % m, (-w) % m
@@ -67,9 +71,16 @@ class UNet(nn.Module):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         x = skips.pop()
+        levels = []  # decoder outputs, coarsest first
         for upsample, block in zip(self.upsample, self.up):
             x = block(torch.cat([skips.pop(), upsample(x)], dim=1))
-        return self.head(x)[..., :h, :w]
+            levels.append(x)
+        logits = self.head(x)[..., :h, :w]
+        if not aux:
+            return logits
+        aux_logits = [head(levels[-2 - i])[..., :-(-h // 2 ** (i + 1)), :-(-w // 2 ** (i + 1))]
+                      for i, head in enumerate(self.aux_heads)]
+        return logits, aux_logits
 
 
 def count_parameters(model: nn.Module) -> int:
