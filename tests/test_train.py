@@ -175,6 +175,64 @@ def test_a_train_step_learns(tmp_path):
     assert losses[-1] < 0.8 * losses[0] and dice > 0.7, (losses[0], losses[-1], float(dice))
 
 
+def test_deep_supervision_heads_are_coarser_logits_and_leave_the_output_alone():
+    """--deep-supervision adds one 1x1 head per decoder level at 1/2, 1/4 of the size (odd sizes round up, as the
+    padded input does) and nothing else: same seed, same main weights and the same output as the plain U-Net."""
+    from unet import UNet, UNetConfig
+    x = torch.randn(2, 4, 37, 50)
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig(in_channels=4, base=4, depth=3, norm="instance")).eval()
+    torch.manual_seed(0)
+    deep = UNet(UNetConfig(in_channels=4, base=4, depth=3, norm="instance", deep_supervision=2)).eval()
+    extra = {k: v.shape for k, v in deep.state_dict().items() if k not in plain.state_dict()}
+    assert extra == {"aux_heads.0.weight": (1, 8, 1, 1), "aux_heads.0.bias": (1,),
+                     "aux_heads.1.weight": (1, 16, 1, 1), "aux_heads.1.bias": (1,)}
+    assert all(torch.equal(v, deep.state_dict()[k]) for k, v in plain.state_dict().items())
+    with torch.no_grad():
+        logits, aux = deep(x, aux=True)
+        assert torch.equal(logits, plain(x)) and torch.equal(deep(x), plain(x))
+    assert [tuple(a.shape) for a in aux] == [(2, 1, 19, 25), (2, 1, 10, 13)]
+
+
+def test_deep_supervision_loss_is_the_weighted_sum_over_area_averaged_masks():
+    """Hand-made: a 4x4 mask, heads at 2x2 and 1x1; expected = 4/7 L(full) + 2/7 L(half) + 1/7 L(quarter) with the
+    masks averaged over 2x2 and 4x4 cells by hand, each L the float64 reference. No heads: the plain loss."""
+    from fused_dice import dice_bce_loss_reference
+    mask = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.float32)[None, None]
+    half = torch.tensor([[0.25, 0.25], [0.25, 1.0]])[None, None]
+    quarter = torch.tensor([[7 / 16]])[None, None]
+    g = torch.Generator().manual_seed(0)
+    full, l_half, l_quarter = (torch.randn(1, 1, n, n, generator=g) for n in (4, 2, 1))
+    cfg = train.TrainConfig(loss_backend="torch")
+    expected = sum(w * dice_bce_loss_reference(out.double(), t.double()) for w, out, t in
+                   [(4 / 7, full, mask), (2 / 7, l_half, half), (1 / 7, l_quarter, quarter)])
+    got = train.deep_supervision_loss(full, [l_half, l_quarter], mask.to(torch.uint8), cfg)
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-6), (float(got), float(expected))
+    assert torch.allclose(train.deep_supervision_loss(full, [], mask, cfg).double(),
+                          dice_bce_loss_reference(full.double(), mask.double()), rtol=1e-6)
+
+
+def test_deep_supervision_reaches_the_model_trains_its_heads_and_predict_loads_it(tmp_path):
+    """The flag builds the heads, a train step moves them (their loss is in the step), the checkpoint keeps them and
+    inference.load_checkpoint (predict.py) rebuilds the model and uses the main head only."""
+    out = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:4x6", *TINY, "--epochs", "1", "--deep-supervision", "1", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    model, ckpt = inference.load_checkpoint(out / "best.pt", torch.device("cpu"))
+    assert ckpt["unet"]["deep_supervision"] == 1 and len(model.aux_heads) == 1
+    cpu, speed = torch.device("cpu"), inference.Speed(None, False, False)
+    cfg = train.TrainConfig(size=32, base=4, depth=2, deep_supervision=1, device="cpu")
+    torch.manual_seed(0)
+    model = train.build_model(cfg)
+    before = [p.detach().clone() for p in model.aux_heads.parameters()]
+    optimizer, scheduler = train.make_optimizer(model, cfg, cpu, total_steps=2, warmup_steps=1)
+    step = train.make_train_step(model, optimizer, scheduler, train.make_scaler(cpu, speed), cfg, cpu, speed)
+    x, y = torch.randn(2, model.cfg.in_channels, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).to(torch.uint8)
+    loss, logits = step(x, y)
+    assert logits.shape == (2, 1, 32, 32)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.aux_heads.parameters()))
+
+
 def test_nifti_end_to_end_on_real_cases_one_channel(sample_subset, tmp_path):
     out = tmp_path / "run"
     assert train.cli(["--data", f"nifti:{sample_subset}", *TINY, "--channel", "0", "--out", str(out),
@@ -336,6 +394,7 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--train-seed", "-2"], "--train-seed must not be negative"),
     (["--oversample", "0"], "--oversample must be positive"),
     (["--oversample", "inf"], "--oversample must be positive and finite"),
+    (["--depth", "2", "--deep-supervision", "2"], "--deep-supervision must be in 0..1 with --depth 2"),
     (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
     (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
     (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
