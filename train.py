@@ -383,10 +383,11 @@ def deep_supervision_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], 
     area-averaged to its size (the tumour fraction of each cell: a soft target), weighted 1, 1/2, 1/4, .. and
     normalised to sum 1 as in nnU-Net. Without auxiliary heads it is the plain loss."""
     weights = [0.5**i for i in range(len(aux_logits) + 1)]
+    weights = [w / sum(weights) for w in weights]
     outputs = [logits, *aux_logits]
     targets = [target, *(F.adaptive_avg_pool2d(target.float(), a.shape[-2:]) for a in aux_logits)]
-    return sum(w / sum(weights) * dice_bce_loss(out, t, mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
-                                                dice_weight=cfg.dice_weight, backend=cfg.loss_backend)
+    return sum(w * dice_bce_loss(out, t, mode=cfg.loss_mode, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+                                 backend=cfg.loss_backend)
                for w, out, t in zip(weights, outputs, targets))
 
 

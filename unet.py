@@ -71,10 +71,11 @@ class UNet(nn.Module):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         x = skips.pop()
-        levels = []  # decoder outputs, coarsest first
+        levels = []  # decoder outputs, coarsest first; kept only when the auxiliary heads need them
         for upsample, block in zip(self.upsample, self.up):
             x = block(torch.cat([skips.pop(), upsample(x)], dim=1))
-            levels.append(x)
+            if aux:
+                levels.append(x)
         logits = self.head(x)[..., :h, :w]
         if not aux:
             return logits
