@@ -2,6 +2,9 @@
 
     loss = bce_weight * BCE + dice_weight * (1 - Dice)
 
+BCE is the mean over elements, optionally of `weight` * BCE per element (PyTorch's `weight=` of
+`binary_cross_entropy_with_logits`: e.g. a tumour-boundary weight map); Dice is never weighted.
+
 Three pieces side by side, like Liger-Kernel's fused losses:
   1. `dice_bce_loss_reference`: plain PyTorch, the one oracle for tests (float64 in, float64 out).
   2. Triton kernels: a forward that reads logits and targets once and writes per-block partial
@@ -40,6 +43,7 @@ MODES = ("batch", "image")
 BACKENDS = ("auto", "torch", "triton")
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TARGET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8, torch.bool)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Launch configuration. Module-level so tests can shrink them to force several blocks per sample
 # and several loop trips in the reduce. Not tuned on a GPU yet.
@@ -62,12 +66,14 @@ def dice_bce_loss_reference(
     smooth: float = 1.0,
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch Dice+BCE; the oracle. Computes in float32, or float64 when logits are float64."""
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(dt)
     y = target.to(dt)
-    bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean")
+    w = None if weight is None else weight.to(dt)
+    bce = F.binary_cross_entropy_with_logits(x, y, weight=w, reduction="mean")
     p = torch.sigmoid(x)
     # (N, M) per sample or (1, N*M) for the whole batch; reshape, since sum(dim=()) sums everything
     rows = x.shape[0] if mode == "image" else 1
@@ -90,11 +96,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _dice_bce_fwd_kernel(
-        x_ptr, y_ptr, part_ptr,  # logits, targets (N*M each), partials (4, N, NB) float32
+        x_ptr, y_ptr, w_ptr, part_ptr,  # logits, targets, BCE weights (N*M each), partials (4, N, NB) float32
         N, M, NB,
-        BLOCK: tl.constexpr, ITERS: tl.constexpr,
+        WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
     ):
-        """Per-program partial sums of BCE, p*y, p and y over BLOCK * ITERS elements of a sample."""
+        """Per-program partial sums of (weighted) BCE, p*y, p and y over BLOCK * ITERS elements of a sample."""
         blk = tl.program_id(0)
         n = tl.program_id(1)
         base = n.to(tl.int64) * M
@@ -111,6 +117,8 @@ if HAS_TRITON:
             p = tl.sigmoid(x)
             # stable BCE with logits: max(x, 0) - x*y + log(1 + exp(-|x|))
             bce = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
+            if WEIGHTED:
+                bce *= tl.load(w_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             acc_bce += tl.where(mask, bce, 0.0)
             acc_py += p * y  # y is 0 where masked
             acc_p += tl.where(mask, p, 0.0)
@@ -177,11 +185,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _dice_bce_bwd_kernel(
-        x_ptr, y_ptr, g_ptr, stats_ptr, go_ptr,  # logits, targets, grad out (N*M), stats, d loss
+        x_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, go_ptr,  # logits, targets, BCE weights, grad out (N*M), stats, d loss
         N, M, inv_n_total, inv_n_dice, smooth, bce_weight, dice_weight,
-        IMAGE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+        IMAGE: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
     ):
-        """dL/dx = go * [bce_w (p - y) / n_total - dice_w / n_dice * dD/dp * p (1 - p)], sigmoid recomputed.
+        """dL/dx = go * [bce_w w (p - y) / n_total - dice_w / n_dice * dD/dp * p (1 - p)], sigmoid recomputed
+        (w = 1 unless WEIGHTED).
 
         With I = sum p*y, P = sum p, Y = sum y, S = P + Y + smooth, D = (2I + smooth) / S:
         dD/dp = (2y S - (2I + smooth)) / S^2, i.e. -dice_w/n_dice * dD/dp = a*y + b below.
@@ -208,7 +217,10 @@ if HAS_TRITON:
             x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + base + offs, mask=mask, other=0).to(tl.float32)
             p = tl.sigmoid(x)
-            g = c * (p - y) + (a * y + b) * (p * (1.0 - p))
+            d_bce = p - y
+            if WEIGHTED:
+                d_bce *= tl.load(w_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            g = c * d_bce + (a * y + b) * (p * (1.0 - p))
             tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -240,8 +252,10 @@ def _grad_like(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad, flat
 
 
-def _inputs_flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets as 1-D tensors in one shared sample-major order; zero-copy when possible."""
+def _inputs_flat(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, targets and weights as 1-D tensors in one shared sample-major order; zero-copy when possible.
+    Without weights the logits stand in for them (a pointer the kernels never read)."""
     order = _sample_major_order(logits)
     if order is None:
         order = list(range(logits.dim()))
@@ -249,7 +263,8 @@ def _inputs_flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)  # same bytes; Triton loads it as an integer
     y = _flat(target, order)
-    return x, y
+    w = x if weight is None else _flat(weight, order)
+    return x, y, w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,19 +289,21 @@ def _scalars(n_samples: int, numel: int, mode: str) -> tuple[float, float]:
 
 @torch.library.custom_op("brats_unet::dice_bce_fwd", mutates_args=())
 def _dice_bce_fwd(
-    logits: torch.Tensor, target: torch.Tensor, mode: str, smooth: float, bce_weight: float, dice_weight: float
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, mode: str, smooth: float,
+    bce_weight: float, dice_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: returns (loss as float32 0-d, stats (N + 1, 4) float32 saved for backward)."""
     n = logits.shape[0]
     m = logits.numel() // n
-    x, y = _inputs_flat(logits, target)
+    x, y, w = _inputs_flat(logits, target, weight)
     nb = triton.cdiv(m, BLOCK * ITERS)
     partials = torch.empty((4, n, nb), dtype=torch.float32, device=logits.device)
     stats = torch.empty((n + 1, 4), dtype=torch.float32, device=logits.device)
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
     inv_n_total, _ = _scalars(n, logits.numel(), mode)
     with _on_device(logits.device):
-        _dice_bce_fwd_kernel[(nb, n)](x, y, partials, n, m, nb, BLOCK=BLOCK, ITERS=ITERS)
+        _dice_bce_fwd_kernel[(nb, n)](x, y, w, partials, n, m, nb, WEIGHTED=weight is not None, BLOCK=BLOCK,
+                                      ITERS=ITERS)
         _dice_bce_reduce_kernel[(1,)](
             partials, stats, loss, n, nb, inv_n_total, smooth, bce_weight, dice_weight,
             IMAGE=mode == "image", RN=REDUCE_N, RB=REDUCE_B,
@@ -295,7 +312,7 @@ def _dice_bce_fwd(
 
 
 @_dice_bce_fwd.register_fake
-def _(logits, target, mode, smooth, bce_weight, dice_weight):
+def _(logits, target, weight, mode, smooth, bce_weight, dice_weight):
     n = logits.shape[0]
     return (
         logits.new_empty((), dtype=torch.float32),
@@ -308,6 +325,7 @@ def _dice_bce_bwd(
     grad_loss: torch.Tensor,
     logits: torch.Tensor,
     target: torch.Tensor,
+    weight: torch.Tensor | None,
     stats: torch.Tensor,
     mode: str,
     smooth: float,
@@ -317,35 +335,36 @@ def _dice_bce_bwd(
     """Triton backward: the gradient w.r.t. logits, in their dtype and layout."""
     n = logits.shape[0]
     m = logits.numel() // n
-    x, y = _inputs_flat(logits, target)
+    x, y, w = _inputs_flat(logits, target, weight)
     grad, g = _grad_like(logits)
     nb = triton.cdiv(m, BLOCK * ITERS)
     inv_n_total, inv_n_dice = _scalars(n, logits.numel(), mode)
     go = grad_loss.to(torch.float32).reshape(1)  # stays on device: no .item()
     with _on_device(logits.device):
         _dice_bce_bwd_kernel[(nb, n)](
-            x, y, g, stats, go, n, m, inv_n_total, inv_n_dice, smooth, bce_weight, dice_weight,
-            IMAGE=mode == "image", BLOCK=BLOCK, ITERS=ITERS,
+            x, y, w, g, stats, go, n, m, inv_n_total, inv_n_dice, smooth, bce_weight, dice_weight,
+            IMAGE=mode == "image", WEIGHTED=weight is not None, BLOCK=BLOCK, ITERS=ITERS,
         )
     return grad
 
 
 @_dice_bce_bwd.register_fake
-def _(grad_loss, logits, target, stats, mode, smooth, bce_weight, dice_weight):
+def _(grad_loss, logits, target, weight, stats, mode, smooth, bce_weight, dice_weight):
     return _grad_like(logits)[0]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, mode, smooth, bce_weight, dice_weight = inputs
+    logits, target, weight, mode, smooth, bce_weight, dice_weight = inputs
     _, stats = output
-    ctx.save_for_backward(logits, target, stats)  # inputs plus (N + 1) x 4 floats, nothing else
+    ctx.weighted = weight is not None
+    ctx.save_for_backward(logits, target, weight if ctx.weighted else stats, stats)  # inputs + (N + 1) x 4 floats
     ctx.args = (mode, smooth, bce_weight, dice_weight)
 
 
 def _backward(ctx, grad_loss, grad_stats):
-    logits, target, stats = ctx.saved_tensors
-    grad = _dice_bce_bwd(grad_loss, logits, target, stats, *ctx.args)
-    return grad, None, None, None, None, None
+    logits, target, weight, stats = ctx.saved_tensors
+    grad = _dice_bce_bwd(grad_loss, logits, target, weight if ctx.weighted else None, stats, *ctx.args)
+    return grad, None, None, None, None, None, None
 
 
 _dice_bce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -355,7 +374,8 @@ _dice_bce_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Public entry point
 
 
-def _validate(logits: torch.Tensor, target: torch.Tensor, mode: str, backend: str) -> None:
+def _validate(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, mode: str, backend: str
+              ) -> None:
     """Raise ValueError naming the offending argument and what was expected."""
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
@@ -373,6 +393,17 @@ def _validate(logits: torch.Tensor, target: torch.Tensor, mode: str, backend: st
         raise ValueError(f"target: expected a float, uint8 or bool dtype, got {target.dtype}")
     if target.device != logits.device:
         raise ValueError(f"target: expected the same device as logits ({logits.device}), got {target.device}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"weight: expected a torch.Tensor or None, got {type(weight).__name__}")
+        if weight.shape != logits.shape:
+            raise ValueError(
+                f"weight: expected the same shape as logits {tuple(logits.shape)}, got {tuple(weight.shape)}"
+            )
+        if weight.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"weight: expected a float dtype, got {weight.dtype}")
+        if weight.device != logits.device:
+            raise ValueError(f"weight: expected the same device as logits ({logits.device}), got {weight.device}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if backend not in BACKENDS:
@@ -397,19 +428,23 @@ def dice_bce_loss(
     smooth: float = 1.0,
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
+    weight: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dice+BCE loss on raw logits of shape (N, ...); returns a float32 0-d tensor.
 
     mode="batch": one Dice over the whole batch; mode="image": Dice per sample, then the mean.
+    weight: per-element BCE weights of the logits' shape (a constant: no gradient flows into it); None: all 1.
     backend="triton": fused kernels; "torch": the plain reference; "auto": Triton on CUDA tensors.
     """
-    _validate(logits, target, mode, backend)
+    _validate(logits, target, weight, mode, backend)
+    if weight is not None:
+        weight = weight.detach()
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logits.device.type == "cuda" else "torch"
     if backend == "torch":
         return dice_bce_loss_reference(
-            logits, target, mode=mode, smooth=smooth, bce_weight=bce_weight, dice_weight=dice_weight
+            logits, target, mode=mode, smooth=smooth, bce_weight=bce_weight, dice_weight=dice_weight, weight=weight
         )
-    loss, _ = _dice_bce_fwd(logits, target, mode, float(smooth), float(bce_weight), float(dice_weight))
+    loss, _ = _dice_bce_fwd(logits, target, weight, mode, float(smooth), float(bce_weight), float(dice_weight))
     return loss

@@ -93,6 +93,10 @@ class TrainConfig:
                                      "validation patients; or fixed as THRESHOLD,MIN_PIXELS,on|off (e.g. 0.3,50,on)")
     loss_mode: str = option("batch", "Dice over the whole batch, or per image then averaged", ("batch", "image"))
     bce_weight: float = option(1.0, "weight of BCE in the loss")
+    boundary_weight: float = option(1.0, "BCE weight of the pixels near the tumour's edge (within --boundary-width "
+                                         "pixels of the other class, on either side); 1: off")
+    boundary_width: int = option(3, "half-width in pixels, at the training --size, of the band --boundary-weight "
+                                    "weighs")
     dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
     # sampling and augmentation (on the device)
     oversample: float = option(1.0, "slices at the tumour's extremities (less tumour than a quarter of the volume's "
@@ -168,7 +172,7 @@ def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise a UserError naming the first flag with a bad value."""
-    for name in ("size", "epochs", "batch_size", "base", "depth", "context_step"):
+    for name in ("size", "epochs", "batch_size", "base", "depth", "context_step", "boundary_width"):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget", "seed",
@@ -181,6 +185,8 @@ def check_config(cfg: TrainConfig) -> None:
                              f"decoder level below the output), got {cfg.deep_supervision}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
+    if not 0 < cfg.boundary_weight < math.inf:
+        raise data.UserError(f"--boundary-weight must be positive and finite, got {cfg.boundary_weight}")
     if not 0 < cfg.oversample < math.inf:
         raise data.UserError(f"--oversample must be positive and finite, got {cfg.oversample}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
@@ -377,18 +383,33 @@ def epochs_in_budget(budget_s: float, elapsed_s: float, epoch_s: float, max_epoc
     return max(1, min(max_epochs, 1 + int((budget_s - elapsed_s) // epoch_s)))
 
 
-def deep_supervision_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: torch.Tensor,
-                          cfg: TrainConfig) -> torch.Tensor:
-    """Dice + BCE of the full-size logits, plus (deep supervision) that of each auxiliary head against the mask
-    area-averaged to its size (the tumour fraction of each cell: a soft target), weighted 1, 1/2, 1/4, .. and
-    normalised to sum 1 as in nnU-Net. Without auxiliary heads it is the plain loss."""
+def boundary_weights(target: torch.Tensor, weight: float, width: int) -> torch.Tensor | None:
+    """Per-pixel BCE weights of masks (N, 1, H, W): `weight` on the pixels within `width` pixels (a square
+    window) of the other class, i.e. a band on both sides of the tumour's edge, 1 elsewhere; None when
+    `weight` is 1. The frame's border is no edge (max-pooling pads with -inf)."""
+    if weight == 1:
+        return None
+    y = target.float()
+    window = 2 * width + 1
+    grown = F.max_pool2d(y, window, stride=1, padding=width)
+    shrunk = -F.max_pool2d(-y, window, stride=1, padding=width)
+    return 1 + (weight - 1) * (grown - shrunk)  # grown - shrunk: 1 where the window holds both classes
+
+
+def training_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: torch.Tensor,
+                  cfg: TrainConfig) -> torch.Tensor:
+    """Dice + BCE of the full-size logits, its BCE weighted on the tumour's edge with --boundary-weight; plus
+    (deep supervision) that of each auxiliary head against the mask area-averaged to its size (the tumour
+    fraction of each cell: a soft target), weighted 1, 1/2, 1/4, .. and normalised to sum 1 as in nnU-Net.
+    Without auxiliary heads and edge weights it is the plain loss."""
     weights = [0.5**i for i in range(len(aux_logits) + 1)]
     weights = [w / sum(weights) for w in weights]
     outputs = [logits, *aux_logits]
     targets = [target, *(F.adaptive_avg_pool2d(target.float(), a.shape[-2:]) for a in aux_logits)]
+    pixel_weights = [boundary_weights(target, cfg.boundary_weight, cfg.boundary_width)] + [None] * len(aux_logits)
     return sum(w * dice_bce_loss(out, t, mode=cfg.loss_mode, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                                 backend=cfg.loss_backend)
-               for w, out, t in zip(weights, outputs, targets))
+                                 weight=pw, backend=cfg.loss_backend)
+               for w, out, t, pw in zip(weights, outputs, targets, pixel_weights))
 
 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
@@ -400,7 +421,7 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
             logits, aux_logits = model(x, aux=True) if cfg.deep_supervision else (model(x), [])
-        return deep_supervision_loss(logits, aux_logits, y, cfg), logits.detach()
+        return training_loss(logits, aux_logits, y, cfg), logits.detach()
 
     forward = torch.compile(forward_loss) if speed.compile else forward_loss
 

@@ -113,6 +113,12 @@ def mask(*shape, seed=1, p=0.3, device="cpu"):
     return (torch.rand(*shape, generator=g) < p).float().to(device)
 
 
+def weights(*shape, seed=2, device="cpu"):
+    """Per-element BCE weights in [0.5, 5), like a boundary weight map with 0.5 somewhere instead of 1."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + 4.5 * torch.rand(*shape, generator=g)).to(device)
+
+
 # ---------------------------------------------------------------------------------------------
 # exact values
 
@@ -130,6 +136,19 @@ def test_exact_hand_value(backend, mode, device):
     torch.testing.assert_close(grad, torch.full_like(logits, -1 / 8 - 9 / 196))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_exact_hand_value_weighted(backend, mode, device):
+    # As above with BCE weights 1, 2, 3, 4: BCE = mean(w) ln 2 = 2.5 ln 2, Dice unweighted (5/7);
+    # dL/dx = w (p - y)/4 - dD/dp * p(1 - p) = -w/8 - 9/196.
+    logits = torch.zeros(1, 1, 2, 2, device=device)
+    target = torch.ones(1, 1, 2, 2, device=device)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0], device=device).reshape(1, 1, 2, 2)
+    loss, grad = run(logits, target, backend=backend, mode=mode, weight=w)
+    assert loss.item() == pytest.approx(2.5 * math.log(2) + 2 / 7, rel=1e-6)
+    torch.testing.assert_close(grad, -w / 8 - 9 / 196)
+
+
 # ---------------------------------------------------------------------------------------------
 # against the float64 reference
 
@@ -145,6 +164,42 @@ def test_matches_reference(mode, shape, device):
 def test_weights_smooth_and_soft_targets(mode, device):
     target = torch.rand(SHAPE, generator=torch.Generator().manual_seed(3)).to(device)
     check(randn(*SHAPE, device=device), target, mode=mode, smooth=1e-3, bce_weight=0.25, dice_weight=2.0)
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+@pytest.mark.parametrize("shape", [SHAPE, (5, 2, 3, 7), (6,)])
+def test_weighted_matches_reference(mode, shape, device):
+    check(randn(*shape, device=device), mask(*shape, device=device), mode=mode, weight=weights(*shape, device=device))
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_weighted_dtypes(wdtype, xdtype, device):
+    # the kernels read weights of any float dtype and do the math in float32
+    w = weights(*SHAPE, device=device).to(wdtype)
+    check(randn(*SHAPE, device=device).to(xdtype), mask(*SHAPE, device=device).bool(), mode="image", weight=w,
+          grad_rtol=1e-2 if xdtype == torch.bfloat16 else 1e-4)
+
+
+def test_weight_of_ones_is_unweighted(device):
+    logits, target = randn(*SHAPE, device=device), mask(*SHAPE, device=device)
+    loss_w, grad_w = run(logits, target, weight=torch.ones(SHAPE, device=device))
+    loss, grad = run(logits, target)
+    assert torch.equal(loss_w, loss) and torch.equal(grad_w, grad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_weight_gets_no_gradient(backend, device):
+    w = weights(*SHAPE, device=device).requires_grad_()
+    loss, _ = run(randn(*SHAPE, device=device), mask(*SHAPE, device=device), backend=backend, weight=w)
+    assert w.grad is None
+
+
+def test_weighted_channels_last(device):
+    shape = (2, 3, 5, 7)
+    logits = randn(*shape, device=device).contiguous(memory_format=torch.channels_last)
+    w = weights(*shape, device=device)  # contiguous: laid out differently from the logits
+    check(logits, mask(*shape, device=device), mode="batch", weight=w)
 
 
 @pytest.mark.parametrize("mode", ["batch", "image"])
@@ -321,7 +376,11 @@ def test_saves_only_inputs_and_small_stats(device):
     x = randn(*shape, device=device).requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fd.dice_bce_loss(x, mask(*shape, device=device), backend="triton")
-    assert sorted(saved) == sorted([shape, shape, (shape[0] + 1, 4)])
+    assert sorted(saved) == sorted([shape, shape, (shape[0] + 1, 4), (shape[0] + 1, 4)])  # stats stand in for w
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fd.dice_bce_loss(x, mask(*shape, device=device), weight=weights(*shape, device=device), backend="triton")
+    assert sorted(saved) == sorted([shape, shape, shape, (shape[0] + 1, 4)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +389,9 @@ def test_saves_only_inputs_and_small_stats(device):
 
 def test_opcheck(device):
     x = randn(*SHAPE, device=device).requires_grad_()
-    torch.library.opcheck(fd._dice_bce_fwd, (x, mask(*SHAPE, device=device), "image", 1.0, 1.0, 1.0))
+    y = mask(*SHAPE, device=device)
+    torch.library.opcheck(fd._dice_bce_fwd, (x, y, None, "image", 1.0, 1.0, 1.0))
+    torch.library.opcheck(fd._dice_bce_fwd, (x, y, weights(*SHAPE, device=device), "batch", 1.0, 1.0, 1.0))
 
 
 def test_no_graph_break(device):
@@ -342,7 +403,8 @@ def test_no_graph_break(device):
     assert explained.graph_count == 1
 
 
-def test_compiled_training_step_fullgraph(device, monkeypatch):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_compiled_training_step_fullgraph(device, monkeypatch, weighted):
     # Inductor on CPU: the loss stays one extern op (fake impls trace it, the interpreter runs it),
     # and AOTAutograd puts the backward op in the compiled backward graph. On CUDA the same with
     # compiled kernels; cuDNN's TF32 convolutions are switched off so eager and compiled convs agree.
@@ -351,15 +413,16 @@ def test_compiled_training_step_fullgraph(device, monkeypatch):
     torch._dynamo.reset()
     conv = torch.nn.Conv2d(1, 1, 3, padding=1).to(device)
     x, y = randn(*SHAPE, device=device), mask(*SHAPE, device=device).bool()
+    w = weights(*SHAPE, device=device) if weighted else None  # the op's optional tensor argument, traced too
 
-    def step(x, y):
-        return fd.dice_bce_loss(conv(x), y, mode="image", backend="triton")
+    def step(x, y, w):
+        return fd.dice_bce_loss(conv(x), y, mode="image", weight=w, backend="triton")
 
-    loss = torch.compile(step, fullgraph=True)(x, y)
+    loss = torch.compile(step, fullgraph=True)(x, y, w)
     loss.backward()
     got = conv.weight.grad.clone()
     conv.weight.grad = None
-    want = fd.dice_bce_loss(conv(x), y, mode="image", backend="torch")
+    want = fd.dice_bce_loss(conv(x), y, mode="image", weight=w, backend="torch")
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, conv.weight.grad, rtol=1e-4, atol=1e-6)
@@ -515,16 +578,17 @@ def hopper_cases(launch):
     scalars = {"inv_n_total": 1e-6, "smooth": 1.0, "bce_weight": 1.0, "dice_weight": 1.0}
     target_dtypes = sorted({torch.uint8 if d == torch.bool else d for d in fd.TARGET_DTYPES}, key=str)
 
-    def kernels(tag, n, m, x, y):
+    def kernels(tag, n, m, x, y, w=None):
         nb = -(-m // (launch["BLOCK"] * launch["ITERS"]))
-        yield {"name": f"fwd {tag}", "kernel": "_dice_bce_fwd_kernel", "constexprs": blocks,
-               "args": {"x_ptr": x, "y_ptr": y, "part_ptr": "*fp32", "N": n, "M": m, "NB": nb}}
+        weighted = {"WEIGHTED": w is not None, **blocks}  # without weights the logits pointer stands in
+        yield {"name": f"fwd {tag}", "kernel": "_dice_bce_fwd_kernel", "constexprs": weighted,
+               "args": {"x_ptr": x, "y_ptr": y, "w_ptr": w or x, "part_ptr": "*fp32", "N": n, "M": m, "NB": nb}}
         for image in (False, True):
             mode = "image" if image else "batch"
             yield {"name": f"bwd {tag} {mode}", "kernel": "_dice_bce_bwd_kernel",
-                   "constexprs": {"IMAGE": image, **blocks},
-                   "args": {"x_ptr": x, "y_ptr": y, "g_ptr": x, "stats_ptr": "*fp32", "go_ptr": "*fp32",
-                            "N": n, "M": m, "inv_n_dice": 1 / n, **scalars}}
+                   "constexprs": {"IMAGE": image, **weighted},
+                   "args": {"x_ptr": x, "y_ptr": y, "w_ptr": w or x, "g_ptr": x, "stats_ptr": "*fp32",
+                            "go_ptr": "*fp32", "N": n, "M": m, "inv_n_dice": 1 / n, **scalars}}
 
     def reduces(tag, n, m):
         nb = -(-m // (launch["BLOCK"] * launch["ITERS"]))
@@ -539,6 +603,8 @@ def hopper_cases(launch):
         for yd in target_dtypes:
             x, y = "*" + TL_TYPES[xd], "*" + TL_TYPES[yd]
             yield from kernels(f"x={TL_TYPES[xd]} y={TL_TYPES[yd]}", n, m, x, y)
+        yield from kernels(f"x={TL_TYPES[xd]} y=u8 w=fp32", n, m, "*" + TL_TYPES[xd], "*u8", "*fp32")
+    yield from kernels("x=fp32 y=u8 w=bf16", n, m, "*fp32", "*u8", "*bf16")
     yield from reduces("N=64", n, m)
     yield from kernels("x=fp32 y=u8 N=1", 1, 64 * 64, "*fp32", "*u8")
     yield from reduces("N=1", 1, 64 * 64)
@@ -548,7 +614,8 @@ def test_kernels_compile_for_hopper(default_blocks, tmp_path):
     if ptxas_path() is None:
         pytest.skip("no ptxas: neither TRITON_PTXAS_PATH nor triton/backends/nvidia/bin/ptxas exists")
     cases = list(hopper_cases(default_blocks))
-    assert len(cases) == 3 * 5 * 3 + 2 + 5  # (fwd + 2 bwd) per dtype pair, 2 reduces, 5 with N = 1
+    # (fwd + 2 bwd) per dtype pair and per weighted dtype triple, 2 reduces, 5 with N = 1
+    assert len(cases) == (3 * 5 + 3 + 1) * 3 + 2 + 5
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="",  # compile only: no GPU used
                TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),  # fresh: every kernel really compiles
@@ -654,6 +721,10 @@ def test_auto_uses_reference_on_cpu():
         (torch.zeros(()), torch.zeros(()), {}, "logits", "shape (N, ...)"),
         ([0.0, 1.0], torch.zeros(2), {}, "logits", "torch.Tensor"),
         (torch.zeros(2, 4), torch.zeros(2, 4), {"mode": "pixel"}, "mode", "'batch', 'image'"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), {"weight": torch.ones(2, 1, 4)}, "weight", "same shape as logits (2, 4)"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), {"weight": torch.ones(2, 4, dtype=torch.int64)}, "weight", "float dtype"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), {"weight": torch.ones(2, 4, device="meta")}, "weight", "same device"),
+        (torch.zeros(2, 4), torch.zeros(2, 4), {"weight": [1.0] * 8}, "weight", "torch.Tensor or None"),
     ],
 )
 def test_value_errors(backend, logits, target, kwargs, argname, expected):

@@ -206,10 +206,55 @@ def test_deep_supervision_loss_is_the_weighted_sum_over_area_averaged_masks():
     cfg = train.TrainConfig(loss_backend="torch")
     expected = sum(w * dice_bce_loss_reference(out.double(), t.double()) for w, out, t in
                    [(4 / 7, full, mask), (2 / 7, l_half, half), (1 / 7, l_quarter, quarter)])
-    got = train.deep_supervision_loss(full, [l_half, l_quarter], mask.to(torch.uint8), cfg)
+    got = train.training_loss(full, [l_half, l_quarter], mask.to(torch.uint8), cfg)
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-6), (float(got), float(expected))
-    assert torch.allclose(train.deep_supervision_loss(full, [], mask, cfg).double(),
+    assert torch.allclose(train.training_loss(full, [], mask, cfg).double(),
                           dice_bce_loss_reference(full.double(), mask.double()), rtol=1e-6)
+
+
+def test_boundary_weights_by_hand():
+    """A 2x2 tumour in a 6x6 frame, half-width 1: the 4x4 square around it (the tumour and the ring outside it)
+    weighs 5. A tumour along the frame's left border: its edge is the band, not the border. No edge: all 1."""
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.uint8)
+    mask[..., 2:4, 2:4] = 1
+    expected = torch.ones(1, 1, 6, 6)
+    expected[..., 1:5, 1:5] = 5
+    assert torch.equal(train.boundary_weights(mask, 5.0, 1), expected)
+    left = torch.zeros(1, 1, 4, 6, dtype=torch.uint8)
+    left[..., :3] = 1
+    expected = torch.ones(1, 1, 4, 6)
+    expected[..., 2:4] = 3  # column 2 inside the edge, column 3 outside
+    assert torch.equal(train.boundary_weights(left, 3.0, 1), expected)
+    wide = torch.ones(1, 1, 4, 6)
+    wide[..., 1:5] = 3  # half-width 2: columns 1, 2 inside, 3, 4 outside
+    assert torch.equal(train.boundary_weights(left, 3.0, 2), wide)
+    for flat in (torch.zeros(2, 1, 5, 5), torch.ones(2, 1, 5, 5)):
+        assert torch.equal(train.boundary_weights(flat, 5.0, 1), torch.ones(2, 1, 5, 5))
+    assert train.boundary_weights(mask, 1.0, 1) is None
+
+
+def test_boundary_weight_enters_the_bce_of_the_full_size_output_only():
+    """--boundary-weight 4: the loss is mean(w * BCE) + 1 - Dice with the hand-made band above (Dice unweighted),
+    computed here from elementwise float64 BCE; with a deep-supervision head its term stays unweighted."""
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 2:4, 2:4] = 1
+    w = torch.ones(1, 1, 6, 6, dtype=torch.float64)
+    w[..., 1:5, 1:5] = 4
+    g = torch.Generator().manual_seed(0)
+    full, half = torch.randn(1, 1, 6, 6, generator=g), torch.randn(1, 1, 3, 3, generator=g)
+    x, y = full.double(), mask.double()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p = torch.sigmoid(x)
+    dice = (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    expected = (w * bce).mean() + 1 - dice
+    cfg = train.TrainConfig(loss_backend="torch", boundary_weight=4.0, boundary_width=1)
+    got = train.training_loss(full, [], mask.to(torch.uint8), cfg)
+    assert torch.allclose(got.double(), expected, rtol=1e-5), (float(got), float(expected))
+    from fused_dice import dice_bce_loss_reference
+    half_target = torch.nn.functional.avg_pool2d(y, 2)
+    with_head = 2 / 3 * expected + 1 / 3 * dice_bce_loss_reference(half.double(), half_target)
+    got = train.training_loss(full, [half], mask.to(torch.uint8), cfg)
+    assert torch.allclose(got.double(), with_head, rtol=1e-5), (float(got), float(with_head))
 
 
 def test_deep_supervision_reaches_the_model_trains_its_heads_and_predict_loads_it(tmp_path):
@@ -395,6 +440,8 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--oversample", "0"], "--oversample must be positive"),
     (["--oversample", "inf"], "--oversample must be positive and finite"),
     (["--depth", "2", "--deep-supervision", "2"], "--deep-supervision must be in 0..1 with --depth 2"),
+    (["--boundary-weight", "0"], "--boundary-weight must be positive and finite, got 0.0"),
+    (["--boundary-width", "0"], "--boundary-width must be positive, got 0"),
     (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
     (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
     (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
