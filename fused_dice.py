@@ -356,14 +356,13 @@ def _(grad_loss, logits, target, weight, stats, mode, smooth, bce_weight, dice_w
 def _setup_context(ctx, inputs, output) -> None:
     logits, target, weight, mode, smooth, bce_weight, dice_weight = inputs
     _, stats = output
-    ctx.weighted = weight is not None
-    ctx.save_for_backward(logits, target, weight if ctx.weighted else stats, stats)  # inputs + (N + 1) x 4 floats
+    ctx.save_for_backward(logits, target, weight, stats)  # the inputs plus (N + 1) x 4 floats; weight may be None
     ctx.args = (mode, smooth, bce_weight, dice_weight)
 
 
 def _backward(ctx, grad_loss, grad_stats):
     logits, target, weight, stats = ctx.saved_tensors
-    grad = _dice_bce_bwd(grad_loss, logits, target, weight if ctx.weighted else None, stats, *ctx.args)
+    grad = _dice_bce_bwd(grad_loss, logits, target, weight, stats, *ctx.args)
     return grad, None, None, None, None, None, None
 
 
