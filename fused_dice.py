@@ -373,6 +373,16 @@ _dice_bce_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Public entry point
 
 
+def _check_like_logits(name: str, t: torch.Tensor, logits: torch.Tensor, dtypes: tuple, dtypes_text: str) -> None:
+    """Raise ValueError unless `t` (the target or the weights) has the logits' shape and device and one of `dtypes`."""
+    if t.shape != logits.shape:
+        raise ValueError(f"{name}: expected the same shape as logits {tuple(logits.shape)}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name}: expected {dtypes_text} dtype, got {t.dtype}")
+    if t.device != logits.device:
+        raise ValueError(f"{name}: expected the same device as logits ({logits.device}), got {t.device}")
+
+
 def _validate(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, mode: str, backend: str
               ) -> None:
     """Raise ValueError naming the offending argument and what was expected."""
@@ -384,25 +394,11 @@ def _validate(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
         raise ValueError(f"logits: expected dtype float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() < 1 or logits.numel() == 0:
         raise ValueError(f"logits: expected a non-empty tensor of shape (N, ...), got {tuple(logits.shape)}")
-    if target.shape != logits.shape:
-        raise ValueError(
-            f"target: expected the same shape as logits {tuple(logits.shape)}, got {tuple(target.shape)}"
-        )
-    if target.dtype not in TARGET_DTYPES:
-        raise ValueError(f"target: expected a float, uint8 or bool dtype, got {target.dtype}")
-    if target.device != logits.device:
-        raise ValueError(f"target: expected the same device as logits ({logits.device}), got {target.device}")
+    _check_like_logits("target", target, logits, TARGET_DTYPES, "a float, uint8 or bool")
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"weight: expected a torch.Tensor or None, got {type(weight).__name__}")
-        if weight.shape != logits.shape:
-            raise ValueError(
-                f"weight: expected the same shape as logits {tuple(logits.shape)}, got {tuple(weight.shape)}"
-            )
-        if weight.dtype not in WEIGHT_DTYPES:
-            raise ValueError(f"weight: expected a float dtype, got {weight.dtype}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight: expected the same device as logits ({logits.device}), got {weight.device}")
+        _check_like_logits("weight", weight, logits, WEIGHT_DTYPES, "a float")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if backend not in BACKENDS:
