@@ -140,7 +140,7 @@ MUTANTS = [
      [("rows = x.shape[0] if mode == \"image\" else 1", "rows = x.shape[0] if mode == \"batch\" else 1"),
       ("(1.0 / n_samples if mode == \"image\" else 1.0)", "(1.0 / n_samples if mode == \"batch\" else 1.0)"),
       ("IMAGE=mode == \"image\", RN=", "IMAGE=mode == \"batch\", RN="),
-      ("IMAGE=mode == \"image\", BLOCK=", "IMAGE=mode == \"batch\", BLOCK=")], None, "tests/test_fused_dice.py"),
+      ("IMAGE=mode == \"image\", WEIGHTED=", "IMAGE=mode == \"batch\", WEIGHTED=")], None, "tests/test_fused_dice.py"),
     # predict
     ("predict ignores the checkpoint's threshold", "inference.py",
      "threshold=float(np.median([c[\"threshold\"] for c in ckpts])),", "threshold=0.5,", "tests/test_predict.py"),
