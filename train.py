@@ -93,11 +93,11 @@ class TrainConfig:
                                      "validation patients; or fixed as THRESHOLD,MIN_PIXELS,on|off (e.g. 0.3,50,on)")
     loss_mode: str = option("batch", "Dice over the whole batch, or per image then averaged", ("batch", "image"))
     bce_weight: float = option(1.0, "weight of BCE in the loss")
+    dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
     boundary_weight: float = option(1.0, "BCE weight of the pixels near the tumour's edge (within --boundary-width "
                                          "pixels of the other class, on either side); 1: off")
     boundary_width: int = option(3, "half-width in pixels, at the training --size, of the band --boundary-weight "
                                     "weighs")
-    dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
     # sampling and augmentation (on the device)
     oversample: float = option(1.0, "slices at the tumour's extremities (less tumour than a quarter of the volume's "
                                     "largest section) drawn this many times as often as the others (epochs of as "
