@@ -15,12 +15,13 @@
 #      channels_last → bf16 → compile → fused loss), MFU and GPU busy                          ~180 s (220)
 #   d. bench/loss.py: the fused loss against eager and compiled PyTorch, B up to 1024           ~60 s (100)
 #   e. train.py end to end on synthetic data: resident, bf16, torch.compile, the Triton loss    ~60 s (100)
+#   f. bench/loss.py --weight float32 at B 64, 256: the weighted kernels (train.py --boundary-weight) ~30 s (60)
 #
 # Outputs, all directly under ${OUT:-bench/out}: summary.txt (environment + step table), pytest.log, train.md,
-# train.log, loss.md, e2e.log, e2e_metrics.json.
+# train.log, loss.md, e2e.log, e2e_metrics.json, loss_weighted.md.
 #
 # Knobs (environment): OUT; PYTHON (default python3); GIT_COMMIT (else git rev-parse, else "unknown");
-# GPU_SH_BUDGET (seconds, default 420); GPU_SH_STEPS (which of b c d e, default all); GPU_SH_WORK (scratch for
+# GPU_SH_BUDGET (seconds, default 420); GPU_SH_STEPS (which of b c d e f, default all); GPU_SH_WORK (scratch for
 # data caches, default /tmp/gpu-sh); GPU_SH_DEVICE (default cuda; cpu: the dry run below).
 #
 # Dry run on a CPU, which runs every step for real at tiny sizes (Triton in the interpreter) and proves the script's
@@ -37,7 +38,7 @@ OUT=${OUT:-bench/out}
 BUDGET=${GPU_SH_BUDGET:-420}
 WORK=${GPU_SH_WORK:-/tmp/gpu-sh}
 DEVICE=${GPU_SH_DEVICE:-cuda}
-STEPS=" ${GPU_SH_STEPS:-b c d e} "
+STEPS=" ${GPU_SH_STEPS:-b c d e f} "
 PY=${PYTHON:-python3}
 SUMMARY=$OUT/summary.txt
 START=$SECONDS
@@ -48,11 +49,13 @@ if [ "$DEVICE" = cpu ]; then  # the dry run: the same steps at tiny sizes
     PYTEST_ENV="TRITON_INTERPRET=1"
     TRAIN_BENCH=(bench/train.py --device cpu --quick --rows seed,cache,resident,channels_last --workers 1)
     LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --repeats 3)
+    WEIGHTED_LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --repeats 3 --no-compile --weight float32)
     E2E=(train.py --data synthetic:4x10 --size 32 --base 4 --depth 2 --batch-size 8 --epochs 2 --device cpu)
 else
     PYTEST_ENV="TRITON_INTERPRET=0"
     TRAIN_BENCH=(bench/train.py --device cuda --data synthetic:6x80 --workers 8)
     LOSS_BENCH=(bench/loss.py --device cuda)
+    WEIGHTED_LOSS_BENCH=(bench/loss.py --device cuda --batches 64,256 --weight float32)
     E2E=(train.py --data synthetic:6x40 --size 128 --epochs 2 --device cuda)
 fi
 
@@ -114,12 +117,13 @@ if [ "$DEVICE" = cuda ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cu
 fi
 echo | tee -a "$SUMMARY"
 
-# b-e ----------------------------------------------------------------------------------------------------------
+# b-f ----------------------------------------------------------------------------------------------------------
 step b.pytest 90 "$OUT/pytest.log" env "$PYTEST_ENV" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_dice.py
 step c.train_bench 220 "$OUT/train.log" "$PY" "${TRAIN_BENCH[@]}" --cache-dir "$WORK/cache" --out "$OUT/train.md"
 step d.loss_bench 100 "$OUT/loss.md" "$PY" "${LOSS_BENCH[@]}"
 step e.e2e 100 "$OUT/e2e.log" "$PY" "${E2E[@]}" --out "$WORK/e2e" --cache-dir "$WORK/cache" --overwrite on
 [ -f "$WORK/e2e/metrics.json" ] && cp "$WORK/e2e/metrics.json" "$OUT/e2e_metrics.json"
+step f.weighted 60 "$OUT/loss_weighted.md" "$PY" "${WEIGHTED_LOSS_BENCH[@]}"
 
 # summary (always) ---------------------------------------------------------------------------------------------
 {

@@ -743,3 +743,24 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(fd, "TRITON_INTERPRET", False)
     with pytest.raises(ValueError, match=r"^logits: backend='triton' expected a CUDA tensor"):
         fd.dice_bce_loss(torch.zeros(2, 4), torch.zeros(2, 4), backend="triton")
+
+
+def bench_loss_table(*flags: str) -> dict[tuple[str, str, str], float]:
+    """Run bench/loss.py on the CPU at a tiny size; its table's loss column by (B, logits dtype, impl)."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "loss.py"),
+           "--device", "cpu", "--batches", "2", "--hw", "12", "--repeats", "1", "--no-compile", *flags]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]  # it exits 1 when Triton disagrees
+    rows = [line.strip("|").split("|") for line in run.stdout.splitlines() if line.startswith("| 2 |")]
+    return {(r[0].strip(), r[1].strip(), r[2].strip()): float(r[-1]) for r in rows}
+
+
+def test_bench_loss_times_the_weighted_kernels():
+    """bench/loss.py --weight passes train.py's edge-weight map to every impl: Triton agrees with the reference,
+    and the loss is the unweighted one plus mean((w - 1) x BCE) > 0 on the same logits and masks."""
+    plain, weighted = bench_loss_table(), bench_loss_table("--weight", "float32")
+    expected = {("2", dt, impl) for dt in ("bfloat16", "float32") for impl in ("triton", "eager")}
+    assert set(plain) == set(weighted) == expected
+    for key, loss in weighted.items():
+        assert loss == pytest.approx(weighted[key[:2] + ("eager",)], rel=1e-5)
+        assert loss > plain[key] + 1e-3
