@@ -698,11 +698,27 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], contex
     return SliceSet(images, masks, volume, list(volume_ids), context_index(counts, context, context_step).to(target))
 
 
+def fade_lesion(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Image (N, C, H, W) with the tumour (mask y (N, 1, H, W)) pulled toward the brain around it, channel by
+    channel: x' = m + factor * (x - m) inside the tumour, m the mean of the slice's other brain (non-zero) pixels,
+    factor (N, C, 1, 1) in [0, 1] (1: unchanged). A fainter lesion with the same label: low-contrast oedema and
+    non-enhancing cores. Channels without tumour or without other brain pixels are left as they are."""
+    brain = x != 0
+    tumour = brain & y.bool()
+    rest = brain & ~tumour
+    count = rest.sum((-1, -2), keepdim=True)
+    mean = torch.where(rest, x, 0).sum((-1, -2), keepdim=True) / count.clamp(min=1)
+    return torch.where(tumour & (count > 0), mean + factor * (x - mean), x)
+
+
 def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False,
-            intensity: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+            intensity: float = 0.1, lesion_fade: float = 0.0, modalities: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random dihedral transform (flips and 90° rotations), brain intensities scaled by 1 ± intensity and shifted
-    by ± intensity per channel (scanners and sites differ in contrast) and, optionally, a small rotation + zoom
-    through grid_sample; the same geometry for image (N, C, H, W) float and mask (N, 1, H, W) uint8. Returns
+    by ± intensity per channel (scanners and sites differ in contrast), optionally a small rotation + zoom through
+    grid_sample and, with lesion_fade > 0, in half the samples the tumour faded toward the brain (fade_lesion) by
+    a factor drawn in [1 - lesion_fade, 1] per modality: the `modalities` channels repeat once per context slice
+    (with_context's order; the centre slice's mask stands for its neighbours'), and one scan's contrast is the same
+    on neighbouring slices. The same geometry for image (N, C, H, W) float and mask (N, 1, H, W) uint8. Returns
     contiguous tensors, the mask still uint8."""
     n, c, dev = x.shape[0], x.shape[1], x.device
 
@@ -727,6 +743,11 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", align_corners=False)
         y = F.grid_sample(y.to(x.dtype), grid, mode="nearest", align_corners=False).to(torch.uint8)
+    if lesion_fade:  # drawn last, so the draws above are the same with or without it
+        k = modalities or c
+        factor = 1 - lesion_fade * torch.rand(n, k, 1, 1, device=dev, generator=generator)
+        factor = torch.where(coin(), factor, 1.0).repeat(1, c // k, 1, 1)
+        x = fade_lesion(x, y, factor)
     return x.contiguous(), y.contiguous()
 
 
@@ -818,10 +839,11 @@ class TrainBatches:
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
                  batch_size: int, *, context: int = 0, context_step: int = 1, resident: bool = True, workers: int = 2,
                  seed: int = 0, rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False,
-                 intensity: float = 0.1, oversample: float = 1.0):
+                 intensity: float = 0.1, lesion_fade: float = 0.0, oversample: float = 1.0):
         self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
         self.seed, self.rank, self.world = seed, rank, world
-        self.augment, self.affine, self.intensity = augment, affine, intensity
+        self.augment, self.affine, self.intensity, self.lesion_fade = augment, affine, intensity, lesion_fade
+        self.modalities = len(channels)
         if resident:
             self.slices = load_slices(cache, volume_ids, channels, context, self.device, context_step)
             self.n = len(self.slices)
@@ -856,5 +878,6 @@ class TrainBatches:
             x, y = x.float(), y.unsqueeze(1)
             if self.augment:
                 self.aug_generator.manual_seed(rng_seed(self.seed, epoch, self.rank, b))
-                x, y = augment(x, y, self.aug_generator, self.affine, self.intensity)
+                x, y = augment(x, y, self.aug_generator, self.affine, self.intensity, self.lesion_fade,
+                               self.modalities)
             yield x, y

@@ -105,6 +105,9 @@ class TrainConfig:
     augment: str = option("on", "random flips, 90 degree rotations, intensity scale/shift", ON_OFF)
     affine: str = option("off", "also a small random rotation (±15°) and zoom (±10%%)", ON_OFF)
     intensity: float = option(0.1, "brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY")
+    lesion_fade: float = option(0.0, "in half the samples, the tumour pulled toward the mean of the brain around it, "
+                                     "to a contrast of 1 - LESION_FADE .. 1 of its own, drawn per modality (faint "
+                                     "oedema and cores); 0: off")
     # speed: each trick one flag, so bench/train.py can ablate them
     resident: str = option("on", "training slices in device memory, batches by indexing; off: DataLoader workers read "
                                  "the disk cache", ON_OFF)
@@ -187,6 +190,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
     if not 0 < cfg.boundary_weight < math.inf:
         raise data.UserError(f"--boundary-weight must be positive and finite, got {cfg.boundary_weight}")
+    if not 0 <= cfg.lesion_fade <= 1:
+        raise data.UserError(f"--lesion-fade must be in 0..1 (0: off), got {cfg.lesion_fade}")
     if not 0 < cfg.oversample < math.inf:
         raise data.UserError(f"--oversample must be positive and finite, got {cfg.oversample}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
@@ -321,7 +326,8 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     batches = data.TrainBatches(
         cache, trained_on, channels, run.device, batch_size, context=cfg.context, context_step=cfg.context_step,
         resident=cfg.resident == "on", workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world,
-        augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity, oversample=cfg.oversample)
+        augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity,
+        lesion_fade=cfg.lesion_fade, oversample=cfg.oversample)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "

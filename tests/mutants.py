@@ -40,8 +40,8 @@ MUTANTS = [
     ("the bulk oversampled instead of the extremities", "data.py",
      "extremity = (area > 0) & (area < fraction * area.max())", "extremity = area >= fraction * area.max()",
      "tests/test_batches.py -k extremit"),
-    ("--oversample not passed to the batches", "train.py", "intensity=cfg.intensity, oversample=cfg.oversample)",
-     "intensity=cfg.intensity)", "tests/test_train.py -k oversample"),
+    ("--oversample not passed to the batches", "train.py", "lesion_fade=cfg.lesion_fade, oversample=cfg.oversample)",
+     "lesion_fade=cfg.lesion_fade)", "tests/test_train.py -k oversample"),
     # deep supervision
     ("auxiliary heads left out of the loss", "train.py", "outputs = [logits, *aux_logits]", "outputs = [logits]",
      "tests/test_train.py -k deep_supervision"),
