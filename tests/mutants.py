@@ -42,6 +42,15 @@ MUTANTS = [
      "tests/test_batches.py -k extremit"),
     ("--oversample not passed to the batches", "train.py", "lesion_fade=cfg.lesion_fade, oversample=cfg.oversample)",
      "lesion_fade=cfg.lesion_fade)", "tests/test_train.py -k oversample"),
+    # faded-lesion augmentation
+    ("lesion fade drawn per channel, not per modality", "data.py", "k = modalities or c", "k = c",
+     "tests/test_batches.py -k fade"),
+    ("every sample's lesion faded", "data.py", "torch.where(coin(), factor, 1.0)", "factor",
+     "tests/test_batches.py -k fade"),
+    ("lesion faded toward a mean that includes it", "data.py", "rest = brain & ~tumour", "rest = brain",
+     "tests/test_batches.py -k fade"),
+    ("--lesion-fade not passed to the batches", "train.py", "        lesion_fade=cfg.lesion_fade, oversample=",
+     "        oversample=", "tests/test_train.py -k lesion"),
     # deep supervision
     ("auxiliary heads left out of the loss", "train.py", "outputs = [logits, *aux_logits]", "outputs = [logits]",
      "tests/test_train.py -k deep_supervision"),

@@ -184,3 +184,41 @@ def test_as_device_gives_cuda_an_index():
     """Tensors on CUDA report cuda:N; a bare 'cuda' must compare equal to them (else batches take the host path)."""
     assert data.as_device("cuda") == torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     assert data.as_device("cuda:1") == torch.device("cuda:1") and data.as_device("cpu") == torch.device("cpu")
+
+
+def test_fade_lesion_pulls_the_tumour_toward_the_rest_of_the_brain():
+    """Hand-made: brain pixels 1, 3, 5 with the tumour on the 5 and on a background pixel; the rest of the brain
+    averages 2, so factor 0.5 gives 2 + 0.5 * (5 - 2) = 3.5; factor 1 and a channel with no other brain change nothing."""
+    x = torch.tensor([[[[1.0, 3.0, 5.0, 0.0]], [[1.0, 3.0, 5.0, 0.0]], [[0.0, 0.0, 4.0, 0.0]]]])  # (1, 3, 1, 4)
+    y = torch.tensor([[[[0, 0, 1, 1]]]], dtype=torch.uint8)
+    out = data.fade_lesion(x, y, torch.tensor([0.5, 1.0, 0.5]).view(1, 3, 1, 1))
+    assert out[0, 0, 0].tolist() == [1.0, 3.0, 3.5, 0.0]
+    assert torch.equal(out[0, 1:], x[0, 1:])
+
+
+def test_lesion_fade_is_drawn_per_modality_for_half_the_samples():
+    """Three context copies of two modalities: a faded sample's copies of one modality fade alike, its two modalities
+    by different factors in [1 - fade, 1]; about half the samples are left as they are; outside the tumour, and
+    in the geometry, the batch is the one drawn without the fade."""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    y = torch.zeros(n, 1, 16, 16, dtype=torch.uint8)
+    y[:, :, 4:9, 5:11] = 1
+    modality = torch.rand(n, 2, 16, 16, generator=g) + 1 + y * 2.0  # brain everywhere, a brighter tumour
+    x = modality.repeat(1, 3, 1, 1)  # channels: (m0, m1) at z - 1, z, z + 1
+    plain, y_plain = data.augment(x, y, torch.Generator().manual_seed(5), intensity=0.0)
+    faded, y_faded = data.augment(x, y, torch.Generator().manual_seed(5), intensity=0.0, lesion_fade=0.8,
+                                  modalities=2)
+    assert torch.equal(y_plain, y_faded)
+    tumour = y_faded.bool().expand_as(faded)
+    assert torch.equal(faded[~tumour], plain[~tumour])
+    rest_mean = (plain * ~tumour).sum((-1, -2)) / (~tumour).sum((-1, -2))
+    factor = ((faded - rest_mean[..., None, None]) / (plain - rest_mean[..., None, None]))[tumour].view(n, 6, -1)
+    assert torch.allclose(factor, factor[..., :1], atol=1e-4)  # one factor a channel
+    factor = factor[..., 0]
+    for k in (2, 4):  # every context copy of a modality as the first
+        torch.testing.assert_close(factor[:, k:k + 2], factor[:, :2])
+    assert factor.min() >= 0.2 - 1e-4 and factor.max() <= 1 + 1e-4
+    untouched = ((factor - 1).abs() < 1e-5).all(1)
+    assert 16 <= int(untouched.sum()) <= 48
+    assert ((factor[~untouched, 0] - factor[~untouched, 1]).abs() > 1e-3).all()
