@@ -105,9 +105,9 @@ class TrainConfig:
     augment: str = option("on", "random flips, 90 degree rotations, intensity scale/shift", ON_OFF)
     affine: str = option("off", "also a small random rotation (±15°) and zoom (±10%%)", ON_OFF)
     intensity: float = option(0.1, "brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY")
-    lesion_fade: float = option(0.0, "in half the samples, the tumour pulled toward the mean of the brain around it, "
-                                     "to a contrast of 1 - LESION_FADE .. 1 of its own, drawn per modality (faint "
-                                     "oedema and cores); 0: off")
+    lesion_fade: float = option(0.0, "in half the samples, the tumour pulled toward the mean of the slice's other "
+                                     "brain pixels, to 1 - LESION_FADE .. 1 of its contrast, drawn per modality "
+                                     "(faint oedema and cores); 0: off")
     # speed: each trick one flag, so bench/train.py can ablate them
     resident: str = option("on", "training slices in device memory, batches by indexing; off: DataLoader workers read "
                                  "the disk cache", ON_OFF)
