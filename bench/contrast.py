@@ -32,6 +32,7 @@ def label_percentiles(image: np.ndarray, label: np.ndarray, spacing: tuple[float
     """For each of LABELS: (name, volume mL, the percentile (0-100) of the label's median among the brain's voxels per
     modality in data.CHANNELS' order, or None under MIN_ML). image (S, H, W, C) raw, label (S, H, W) in {0, 1, 2, 4}."""
     normalised, brain = data.normalise_volume(image)
+    in_brain = normalised[brain]  # (brain voxels, C), gathered once for every label
     rows = []
     for name, values in LABELS:
         inside = np.isin(label, values) & brain
@@ -39,11 +40,8 @@ def label_percentiles(image: np.ndarray, label: np.ndarray, spacing: tuple[float
         if ml < MIN_ML:
             rows.append((name, ml, None))
             continue
-        ranks = []
-        for c in range(normalised.shape[-1]):
-            channel = normalised[..., c]
-            ranks.append(100 * float((channel[brain] < np.median(channel[inside])).mean()))
-        rows.append((name, ml, ranks))
+        medians = np.median(normalised[inside], axis=0)
+        rows.append((name, ml, (100 * (in_brain < medians).mean(0)).tolist()))
     return rows
 
 

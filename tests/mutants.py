@@ -52,9 +52,9 @@ MUTANTS = [
     ("--lesion-fade not passed to the batches", "train.py", "        lesion_fade=cfg.lesion_fade, oversample=",
      "        oversample=", "tests/test_train.py -k lesion"),
     # bench/contrast.py
-    ("contrast counts the ties as below", "bench/contrast.py", "(channel[brain] < np.median(", "(channel[brain] <= np.median(",
+    ("contrast counts the ties as below", "bench/contrast.py", "(in_brain < medians)", "(in_brain <= medians)",
      "tests/test_contrast.py"),
-    ("contrast ranks the label's mean", "bench/contrast.py", "np.median(channel[inside])", "np.mean(channel[inside])",
+    ("contrast ranks the label's mean", "bench/contrast.py", "np.median(normalised[inside], axis=0)", "np.mean(normalised[inside], axis=0)",
      "tests/test_contrast.py"),
     # deep supervision
     ("auxiliary heads left out of the loss", "train.py", "outputs = [logits, *aux_logits]", "outputs = [logits]",
