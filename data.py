@@ -712,14 +712,17 @@ def fade_lesion(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor) -> torch
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False,
-            intensity: float = 0.1, lesion_fade: float = 0.0, modalities: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            intensity: float = 0.1, lesion_fade: float = 0.0, modalities: int = 0,
+            modality_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random dihedral transform (flips and 90° rotations), brain intensities scaled by 1 ± intensity and shifted
     by ± intensity per channel (scanners and sites differ in contrast), optionally a small rotation + zoom through
     grid_sample and, with lesion_fade > 0, in half the samples the tumour faded toward the brain (fade_lesion) by
     a factor drawn in [1 - lesion_fade, 1] per modality: the `modalities` channels repeat once per context slice
     (with_context's order; the centre slice's mask stands for its neighbours'), and one scan's contrast is the same
-    on neighbouring slices. The same geometry for image (N, C, H, W) float and mask (N, 1, H, W) uint8. Returns
-    contiguous tensors, the mask still uint8."""
+    on neighbouring slices. With modality_dropout > 0, that fraction of the samples loses one modality, drawn at
+    random, on every context slice: set to 0, the brain's mean after normalisation and the background, so the model
+    learns to find a tumour faint in one modality from the others (ModDrop). The same geometry for image
+    (N, C, H, W) float and mask (N, 1, H, W) uint8. Returns contiguous tensors, the mask still uint8."""
     n, c, dev = x.shape[0], x.shape[1], x.device
 
     def coin() -> torch.Tensor:
@@ -748,6 +751,12 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
         factor = 1 - lesion_fade * torch.rand(n, k, 1, 1, device=dev, generator=generator)
         factor = torch.where(coin(), factor, 1.0).repeat(1, c // k, 1, 1)
         x = fade_lesion(x, y, factor)
+    if modality_dropout:  # drawn after everything else, so the draws above are the same with or without it
+        k = modalities or c
+        dropped = torch.randint(k, (n, 1), device=dev, generator=generator)
+        hit = torch.rand(n, 1, device=dev, generator=generator) < modality_dropout
+        keep = ~(hit & (torch.arange(k, device=dev) == dropped))  # (N, k)
+        x = x * keep.repeat(1, c // k)[:, :, None, None].to(x.dtype)
     return x.contiguous(), y.contiguous()
 
 
@@ -839,10 +848,12 @@ class TrainBatches:
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
                  batch_size: int, *, context: int = 0, context_step: int = 1, resident: bool = True, workers: int = 2,
                  seed: int = 0, rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False,
-                 intensity: float = 0.1, lesion_fade: float = 0.0, oversample: float = 1.0):
+                 intensity: float = 0.1, lesion_fade: float = 0.0, oversample: float = 1.0,
+                 modality_dropout: float = 0.0):
         self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
         self.seed, self.rank, self.world = seed, rank, world
         self.augment, self.affine, self.intensity, self.lesion_fade = augment, affine, intensity, lesion_fade
+        self.modality_dropout = modality_dropout
         self.modalities = len(channels)
         if resident:
             self.slices = load_slices(cache, volume_ids, channels, context, self.device, context_step)
@@ -879,5 +890,5 @@ class TrainBatches:
             if self.augment:
                 self.aug_generator.manual_seed(rng_seed(self.seed, epoch, self.rank, b))
                 x, y = augment(x, y, self.aug_generator, self.affine, self.intensity, self.lesion_fade,
-                               self.modalities)
+                               self.modalities, self.modality_dropout)
             yield x, y

@@ -108,6 +108,9 @@ class TrainConfig:
     lesion_fade: float = option(0.0, "in half the samples, the tumour pulled toward the mean of the slice's other "
                                      "brain pixels, to 1 - LESION_FADE .. 1 of its contrast, drawn per modality "
                                      "(faint oedema and cores); 0: off")
+    modality_dropout: float = option(0.0, "this fraction of the samples loses one modality, drawn at random (set to "
+                                          "0 on every context slice), so a tumour faint in one is found from the "
+                                          "others; 0: off")
     # speed: each trick one flag, so bench/train.py can ablate them
     resident: str = option("on", "training slices in device memory, batches by indexing; off: DataLoader workers read "
                                  "the disk cache", ON_OFF)
@@ -192,6 +195,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise data.UserError(f"--boundary-weight must be positive and finite, got {cfg.boundary_weight}")
     if not 0 <= cfg.lesion_fade <= 1:
         raise data.UserError(f"--lesion-fade must be in 0..1 (0: off), got {cfg.lesion_fade}")
+    if not 0 <= cfg.modality_dropout <= 1:
+        raise data.UserError(f"--modality-dropout must be in 0..1 (0: off), got {cfg.modality_dropout}")
+    if cfg.modality_dropout and cfg.channel is not None:
+        raise data.UserError("--modality-dropout needs more than one modality: it cannot be used with --channel")
     if not 0 < cfg.oversample < math.inf:
         raise data.UserError(f"--oversample must be positive and finite, got {cfg.oversample}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
@@ -327,7 +334,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         cache, trained_on, channels, run.device, batch_size, context=cfg.context, context_step=cfg.context_step,
         resident=cfg.resident == "on", workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world,
         augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity,
-        lesion_fade=cfg.lesion_fade, oversample=cfg.oversample)
+        lesion_fade=cfg.lesion_fade, oversample=cfg.oversample, modality_dropout=cfg.modality_dropout)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "

@@ -222,3 +222,28 @@ def test_lesion_fade_is_drawn_per_modality_for_half_the_samples():
     untouched = ((factor - 1).abs() < 1e-5).all(1)
     assert 16 <= int(untouched.sum()) <= 48
     assert ((factor[~untouched, 0] - factor[~untouched, 1]).abs() > 1e-3).all()
+
+
+def test_modality_dropout_blanks_one_modality_on_every_context_copy():
+    """Three context copies of two modalities, dropout 0.5: a hit sample has one modality at exactly 0 on all three
+    copies and the other untouched; about half the samples are hit, both modalities get dropped; the rest of the
+    batch, mask included, is the one drawn without dropout. Dropout 1 hits every sample, never both modalities."""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    y = torch.zeros(n, 1, 16, 16, dtype=torch.uint8)
+    y[:, :, 4:9, 5:11] = 1
+    x = (torch.rand(n, 2, 16, 16, generator=g) + 1).repeat(1, 3, 1, 1)  # channels: (m0, m1) at z - 1, z, z + 1
+    plain, y_plain = data.augment(x, y, torch.Generator().manual_seed(5), intensity=0.1, lesion_fade=0.5,
+                                  modalities=2)
+    for rate, low, high in ((0.5, 16, 48), (1.0, n, n)):
+        out, y_out = data.augment(x, y, torch.Generator().manual_seed(5), intensity=0.1, lesion_fade=0.5,
+                                  modalities=2, modality_dropout=rate)
+        assert torch.equal(y_out, y_plain)
+        blank = (out == 0).all(-1).all(-1)  # (N, 6): channel entirely 0
+        for k in range(2):  # a modality's three copies go together
+            assert torch.equal(blank[:, k], blank[:, k + 2]) and torch.equal(blank[:, k], blank[:, k + 4])
+        assert not (blank[:, 0] & blank[:, 1]).any()
+        hit = blank[:, 0] | blank[:, 1]
+        assert low <= int(hit.sum()) <= high
+        assert blank[:, 0].any() and blank[:, 1].any()
+        assert torch.equal(out[~blank], plain[~blank])

@@ -101,17 +101,19 @@ def test_oversample_reaches_the_batches_and_the_log(tmp_path, monkeypatch, capsy
     assert f"oversampling: {n} of {len(oversampled.weights)} training slices" in capsys.readouterr().out
 
 
-def test_lesion_fade_reaches_the_augmentation(tmp_path, monkeypatch):
-    """--lesion-fade 0.5: every training batch's augmentation fades by up to 0.5, with the four modalities told
-    apart from the context copies (12 input channels with --context 1); 0 without the flag."""
+def test_lesion_fade_and_modality_dropout_reach_the_augmentation(tmp_path, monkeypatch):
+    """--lesion-fade 0.5 / --modality-dropout 0.25: every training batch's augmentation gets them, with the four
+    modalities told apart from the context copies (12 input channels with --context 1); 0 without the flags."""
     seen = []
     original = data.augment
     monkeypatch.setattr(data, "augment", lambda x, y, *a: seen.append((x.shape[1], *a[3:])) or original(x, y, *a))
-    for name, flags in (("plain", []), ("faded", ["--lesion-fade", "0.5"])):
+    runs = {"plain": ([], (12, 0.0, 4, 0.0)), "faded": (["--lesion-fade", "0.5"], (12, 0.5, 4, 0.0)),
+            "dropped": (["--modality-dropout", "0.25"], (12, 0.0, 4, 0.25))}
+    for name, (flags, _) in runs.items():
         assert train.cli(["--data", "synthetic:6x12", *TINY, "--epochs", "1", "--context", "1", *flags,
                           "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / "c")]) == 0
-    assert seen and set(seen) == {(12, 0.0, 4), (12, 0.5, 4)}
-    assert seen.count((12, 0.0, 4)) == seen.count((12, 0.5, 4))
+    assert seen and set(seen) == {want for _, want in runs.values()}
+    assert len({seen.count(want) for _, want in runs.values()}) == 1
 
 
 def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocessing(tmp_path, monkeypatch):
@@ -453,6 +455,8 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--oversample", "0"], "--oversample must be positive"),
     (["--oversample", "inf"], "--oversample must be positive and finite"),
     (["--lesion-fade", "1.5"], "--lesion-fade must be in 0..1 (0: off), got 1.5"),
+    (["--modality-dropout", "-0.1"], "--modality-dropout must be in 0..1 (0: off), got -0.1"),
+    (["--modality-dropout", "0.5", "--channel", "3"], "--modality-dropout needs more than one modality"),
     (["--depth", "2", "--deep-supervision", "2"], "--deep-supervision must be in 0..1 with --depth 2"),
     (["--boundary-weight", "0"], "--boundary-weight must be positive and finite, got 0.0"),
     (["--boundary-width", "0"], "--boundary-width must be positive, got 0"),
