@@ -724,6 +724,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
     learns to find a tumour faint in one modality from the others (ModDrop). The same geometry for image
     (N, C, H, W) float and mask (N, 1, H, W) uint8. Returns contiguous tensors, the mask still uint8."""
     n, c, dev = x.shape[0], x.shape[1], x.device
+    k = modalities or c  # the modalities; with context, channels repeat them once per slice
 
     def coin() -> torch.Tensor:
         return torch.rand(n, 1, 1, 1, device=dev, generator=generator) < 0.5
@@ -747,12 +748,10 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
         x = F.grid_sample(x, grid, mode="bilinear", align_corners=False)
         y = F.grid_sample(y.to(x.dtype), grid, mode="nearest", align_corners=False).to(torch.uint8)
     if lesion_fade:  # drawn last, so the draws above are the same with or without it
-        k = modalities or c
         factor = 1 - lesion_fade * torch.rand(n, k, 1, 1, device=dev, generator=generator)
         factor = torch.where(coin(), factor, 1.0).repeat(1, c // k, 1, 1)
         x = fade_lesion(x, y, factor)
     if modality_dropout:  # drawn after everything else, so the draws above are the same with or without it
-        k = modalities or c
         dropped = torch.randint(k, (n, 1), device=dev, generator=generator)
         hit = torch.rand(n, 1, device=dev, generator=generator) < modality_dropout
         keep = ~(hit & (torch.arange(k, device=dev) == dropped))  # (N, k)
