@@ -44,6 +44,20 @@ def iou_score(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return iou_from_counts(*counts(pred, target)).float()
 
 
+BRATS_LABELS = {1: "core", 2: "oedema", 4: "enhancing"}  # necrotic/non-enhancing core, oedema, enhancing tumour
+
+
+def recall_per_label(pred: np.ndarray, label: np.ndarray) -> dict[int, tuple[float, int]]:
+    """For each of BRATS_LABELS: (the fraction of its voxels inside the predicted whole-tumour mask, its voxel
+    count); NaN where the label is absent. Which part of the tumour a miss is: the faint oedema or the core."""
+    pred, label = np.asarray(pred, bool), np.asarray(label)
+    if pred.shape != label.shape:
+        raise ValueError(f"pred and label must have the same shape, got {pred.shape} and {label.shape}")
+    found = np.bincount(label[pred].ravel().astype(np.int64), minlength=5)
+    total = np.bincount(label.ravel().astype(np.int64), minlength=5)
+    return {k: (found[k] / total[k] if total[k] else math.nan, int(total[k])) for k in BRATS_LABELS}
+
+
 def false_positive_slices(pred: torch.Tensor, target: torch.Tensor) -> int:
     """Number of samples whose target is empty but whose prediction has at least one pixel."""
     _, p, t = counts(pred, target)

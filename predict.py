@@ -9,8 +9,9 @@ largest 3D component when the checkpoint asks for it) are applied, exactly as in
 checkpoints (e.g. the folds of a cross-validation) are an ensemble: their probabilities are averaged. Per case:
 OUT/<case>.nii.gz (uint8 0/1, the FLAIR's shape, affine and header) and OUT/<case>.png (FLAIR slices with the
 predicted outline, and the label's when a <case>_seg file is present, in which case Dice, IoU and HD95 of the
-whole tumour are printed too). A bad case is one line on stderr and the others still run; exit 1 if any case
-failed, 2 for a bad checkpoint or bad arguments.
+whole tumour are printed too, and the share of each BraTS label (core, oedema, enhancing) the mask covers). A bad
+case is one line on stderr and the others still run; exit 1 if any case failed, 2 for a bad checkpoint or bad
+arguments.
 """
 from __future__ import annotations
 
@@ -98,6 +99,9 @@ def predict_case(predictor: inference.Predictor, case_dir: Path, out: Path) -> l
         lines.append(f"{name}: whole tumour vs label ({truth.sum() * voxel_ml:.2f} mL): Dice {dice:.4f}  "
                      f"IoU {iou:.4f}  HD95 {h:.2f} mm")
         title += f", label {truth.sum() * voxel_ml:.1f} mL, Dice {dice:.3f}"
+        found = [f"{k} {metrics.BRATS_LABELS[k]} " + (f"{100 * r:.1f}% of {n * voxel_ml:.2f} mL" if n else "absent")
+                 for k, (r, n) in metrics.recall_per_label(pred, label).items()]
+        lines.append(f"{name}: found per label: " + ", ".join(found))
     figures.write_montage(image[..., data.FLAIR], pred, truth, png, title)
     return lines
 

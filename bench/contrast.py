@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
+import metrics  # noqa: E402
 
-LABELS = (("1 core", (1,)), ("2 oedema", (2,)), ("4 enhancing", (4,)), ("whole", (1, 2, 4)))
+LABELS = tuple((f"{k} {name}", (k,)) for k, name in metrics.BRATS_LABELS.items()) + (("whole", tuple(metrics.BRATS_LABELS)),)
 MIN_ML = 1.0
 
 

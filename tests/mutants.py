@@ -163,6 +163,12 @@ MUTANTS = [
      "\"dice\": metrics.nanmean(dice.tolist()),", "tests/test_evaluation.py"),
     ("false-positive slices never counted", "train.py", "fp += metrics.false_positive_slices(pred, truth)", "fp += 0",
      "tests/test_evaluation.py"),
+    ("per-label share counted over the whole label, not the prediction", "metrics.py",
+     "found = np.bincount(label[pred].ravel()", "found = np.bincount(label.ravel()",
+     "tests/test_metrics.py -k recall"),
+    ("per-label share of the wrong label", "predict.py", "for k, (r, n) in metrics.recall_per_label(pred, label).items()]",
+     "for k, (r, n) in zip(metrics.BRATS_LABELS, reversed(metrics.recall_per_label(pred, label).values()))]",
+     "tests/test_predict.py -k oracle"),
     # loss
     ("batch and image modes swapped everywhere", "fused_dice.py",
      [("rows = x.shape[0] if mode == \"image\" else 1", "rows = x.shape[0] if mode == \"batch\" else 1"),

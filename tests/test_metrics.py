@@ -55,6 +55,23 @@ def test_shape_mismatch_names_shapes():
         metrics.dice_score(torch.zeros(1, 2, 2, dtype=torch.bool), torch.zeros(1, 3, 3, dtype=torch.bool))
 
 
+def test_recall_per_label_exact_values():
+    """A 3 x 4 label with each BraTS label and a mask that covers part of each: the share found and the count."""
+    label = np.array([[1, 1, 2, 2],
+                      [2, 2, 4, 0],
+                      [0, 0, 4, 4]])[None]
+    pred = np.array([[1, 0, 1, 0],
+                     [0, 0, 1, 1],
+                     [0, 1, 1, 1]], bool)[None]  # core 1 of 2, oedema 1 of 4, enhancing 3 of 3; 2 false positives
+    found = metrics.recall_per_label(pred, label)
+    assert list(found) == [1, 2, 4]
+    assert found[1] == (0.5, 2) and found[2] == (0.25, 4) and found[4] == (1.0, 3)
+    absent = metrics.recall_per_label(pred, np.where(label == 4, 0, label))
+    assert math.isnan(absent[4][0]) and absent[4][1] == 0 and absent[2] == (0.25, 4)
+    with pytest.raises(ValueError, match=r"\(1, 3, 4\) and \(3, 4\)"):
+        metrics.recall_per_label(pred, label[0])
+
+
 def test_hd95_of_shifted_cube_is_the_shift_in_mm():
     target = np.zeros((20, 20, 20), bool)
     target[5:12, 5:12, 5:12] = True

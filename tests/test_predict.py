@@ -144,6 +144,10 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
     dice = 2 * (expected & truth).sum() / (expected.sum() + truth.sum())
     assert 0.99 < dice < 1 and f"Dice {dice:.4f}" in captured.out
     assert f"tumour {expected.sum() / 1000:.2f} mL" in captured.out  # 1 mm isotropic voxels
+    seg = np.asarray(nib.load(str(sample / GOOD / f"{GOOD}_seg.nii.gz")).dataobj)  # each label's share, counted here
+    shares = [f"{k} {name} {100 * (expected & (seg == k)).sum() / (seg == k).sum():.1f}% of {(seg == k).sum() / 1000:.2f} mL"
+              for k, name in ((1, "core"), (2, "oedema"), (4, "enhancing"))]
+    assert f"{GOOD}: found per label: " + ", ".join(shares) in captured.out
 
 
 def test_predict_reproduces_train_evaluation(sample_subset, tmp_path):
