@@ -53,8 +53,8 @@ def recall_per_label(pred: np.ndarray, label: np.ndarray) -> dict[int, tuple[flo
     pred, label = np.asarray(pred, bool), np.asarray(label)
     if pred.shape != label.shape:
         raise ValueError(f"pred and label must have the same shape, got {pred.shape} and {label.shape}")
-    found = np.bincount(label[pred].ravel().astype(np.int64), minlength=5)
-    total = np.bincount(label.ravel().astype(np.int64), minlength=5)
+    found = np.bincount(label[pred].ravel().astype(np.int64), minlength=max(BRATS_LABELS) + 1)
+    total = np.bincount(label.ravel().astype(np.int64), minlength=max(BRATS_LABELS) + 1)
     return {k: (found[k] / total[k] if total[k] else math.nan, int(total[k])) for k in BRATS_LABELS}
 
 

@@ -103,7 +103,8 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
     raw.update(threshold=0.7, min_component=25, largest_3d=True, channels=[2, 0])
     oracle_ckpt = tmp_path / "oracle.pt"
     torch.save(raw, oracle_ckpt)
-    truth = np.asarray(nib.load(str(sample / GOOD / f"{GOOD}_seg.nii.gz")).dataobj) > 0  # (x, y, z)
+    seg = np.asarray(nib.load(str(sample / GOOD / f"{GOOD}_seg.nii.gz")).dataobj)  # (x, y, z), labels 0, 1, 2, 4
+    truth = seg > 0
     kept = {}
     preprocess = data.preprocess_volume
 
@@ -144,7 +145,6 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
     dice = 2 * (expected & truth).sum() / (expected.sum() + truth.sum())
     assert 0.99 < dice < 1 and f"Dice {dice:.4f}" in captured.out
     assert f"tumour {expected.sum() / 1000:.2f} mL" in captured.out  # 1 mm isotropic voxels
-    seg = np.asarray(nib.load(str(sample / GOOD / f"{GOOD}_seg.nii.gz")).dataobj)  # each label's share, counted here
     shares = [f"{k} {name} {100 * (expected & (seg == k)).sum() / (seg == k).sum():.1f}% of {(seg == k).sum() / 1000:.2f} mL"
               for k, name in ((1, "core"), (2, "oedema"), (4, "enhancing"))]
     assert f"{GOOD}: found per label: " + ", ".join(shares) in captured.out
