@@ -164,13 +164,14 @@ class Predictor:
     speed: Speed
     batch_size: int = 32
     tta: bool = False          # average over the four flips
+    modality_tta: bool = False  # also average over the views with one modality set to 0 (see probs)
     threshold: float = 0.5
     min_component: int = 0
     largest_3d: bool = False
 
     @classmethod
     def from_checkpoints(cls, paths: list[Path], device: torch.device, batch_size: int = 32, tta: bool = False,
-                         speed: Speed | None = None) -> "Predictor":
+                         speed: Speed | None = None, modality_tta: bool = False) -> "Predictor":
         """Load one checkpoint or an ensemble (which must share preprocessing). The ensemble's post-processing is
         the median threshold and minimum component of its members, largest-3D by majority."""
         loaded = [load_checkpoint(p, device) for p in paths]
@@ -183,7 +184,10 @@ class Predictor:
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]
         channels, context, context_step, size, crop = prep[0]
-        return cls(models, channels, context, context_step, size, crop, device, speed, batch_size, tta,
+        if modality_tta and len(channels) < 2:
+            raise data.UserError("modality test-time augmentation needs more than one modality: these checkpoints "
+                                 f"read only {data.CHANNELS[channels[0]]}")
+        return cls(models, channels, context, context_step, size, crop, device, speed, batch_size, tta, modality_tta,
                    threshold=float(np.median([c["threshold"] for c in ckpts])),
                    min_component=int(np.median([c["min_component"] for c in ckpts])),
                    largest_3d=2 * sum(bool(c["largest_3d"]) for c in ckpts) > len(ckpts))
@@ -194,17 +198,24 @@ class Predictor:
 
     def probs(self, images: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
         """Tumour probabilities (S, 240, 240) float16 of one volume's preprocessed slices (S, 4, size, size)
-        (as data.preprocess_volume or the cache give them), averaged over models (and flips)."""
+        (as data.preprocess_volume or the cache give them), averaged over models (and flips). With modality_tta,
+        also over the views of each slice with one modality set to 0 on every context slice, as modality dropout
+        does in training (data.augment): all modalities, then each missing in turn."""
         x = torch.from_numpy(np.ascontiguousarray(images[:, self.channels]))
         context = data.context_index([len(x)], self.context, self.context_step)
+        views = [x]
+        for k in range(x.shape[1]) if self.modality_tta else ():
+            views.append(x.clone())
+            views[-1][:, k] = 0
         total = None
         for model in self.models:
             for dims in (FLIPS if self.tta else FLIPS[:1]):
-                logits = predict_logits(model, x.flip(dims) if dims else x, context, self.device, self.batch_size,
-                                        self.speed)
-                logits = data.uncrop(logits.flip(dims) if dims else logits, tuple(box), fill=-math.inf)
-                total = torch.sigmoid(logits) if total is None else total + torch.sigmoid(logits)
-        n = len(self.models) * (len(FLIPS) if self.tta else 1)
+                for view in views:
+                    logits = predict_logits(model, view.flip(dims) if dims else view, context, self.device,
+                                            self.batch_size, self.speed)
+                    logits = data.uncrop(logits.flip(dims) if dims else logits, tuple(box), fill=-math.inf)
+                    total = torch.sigmoid(logits) if total is None else total + torch.sigmoid(logits)
+        n = len(self.models) * (len(FLIPS) if self.tta else 1) * len(views)
         return (total / n).half().cpu().numpy()
 
     def segment(self, image: np.ndarray) -> np.ndarray:

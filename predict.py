@@ -6,7 +6,9 @@
 Each CASE_DIR holds <case>_{flair,t1,t1ce,t2}.nii[.gz] (BraTS 2018-2020 naming). The checkpoint's own
 preprocessing (size, crop, channels, context) and post-processing (threshold, minimum component size, and the
 largest 3D component when the checkpoint asks for it) are applied, exactly as in train.py's evaluation. Several
-checkpoints (e.g. the folds of a cross-validation) are an ensemble: their probabilities are averaged. Per case:
+checkpoints (e.g. the folds of a cross-validation) are an ensemble: their probabilities are averaged; --tta on
+also averages the four flips of each slice, --modality-tta on the five views of it with none or one modality set
+to 0 (for models trained with --modality-dropout). Per case:
 OUT/<case>.nii.gz (uint8 0/1, the FLAIR's shape, affine and header) and OUT/<case>.png (FLAIR slices with the
 predicted outline, and the label's when a <case>_seg file is present, in which case Dice, IoU and HD95 of the
 whole tumour are printed too, and the share of each BraTS label (core, oedema, enhancing) the mask covers). A bad
@@ -40,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--tta", default="off", choices=["on", "off"], help="also average over flipped slices (4x the work)")
+    p.add_argument("--modality-tta", default="off", choices=["on", "off"],
+                   help="also average over the views with one modality set to 0, as --modality-dropout trains "
+                        "(5x the work)")
     p.add_argument("--threshold", type=float, default=None, help="override the checkpoint's probability threshold")
     p.add_argument("--min-component", type=int, default=None, help="override the checkpoint's minimum 2D component size")
     p.add_argument("--largest-3d", default=None, choices=["on", "off"], help="override the checkpoint's largest-3D rule")
@@ -52,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_predictor(args: argparse.Namespace) -> inference.Predictor:
     """The checkpoint(s) with their post-processing, or the one given on the command line."""
     predictor = inference.Predictor.from_checkpoints(args.ckpt, inference.resolve_device(args.device), args.batch_size,
-                                                     tta=args.tta == "on")
+                                                     tta=args.tta == "on", modality_tta=args.modality_tta == "on")
     overrides = {k: v for k, v in (("threshold", args.threshold), ("min_component", args.min_component),
                                    ("largest_3d", None if args.largest_3d is None else args.largest_3d == "on"))
                  if v is not None}
