@@ -184,13 +184,15 @@ class Predictor:
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]
         channels, context, context_step, size, crop = prep[0]
-        if modality_tta and len(channels) < 2:
-            raise data.UserError("modality test-time augmentation needs more than one modality: these checkpoints "
-                                 f"read only {data.CHANNELS[channels[0]]}")
         return cls(models, channels, context, context_step, size, crop, device, speed, batch_size, tta, modality_tta,
                    threshold=float(np.median([c["threshold"] for c in ckpts])),
                    min_component=int(np.median([c["min_component"] for c in ckpts])),
                    largest_3d=2 * sum(bool(c["largest_3d"]) for c in ckpts) > len(ckpts))
+
+    def __post_init__(self) -> None:
+        if self.modality_tta and len(self.channels) < 2:
+            raise data.UserError("modality test-time augmentation needs more than one modality: this model reads "
+                                 f"only {', '.join(data.CHANNELS[c] for c in self.channels)}")
 
     @property
     def post(self) -> dict:

@@ -194,6 +194,8 @@ MUTANTS = [
      "tests/test_predict.py::test_modality_views_and_flips_average_against_a_float64_reference"),
     ("test-time flips not undone", "inference.py", "logits.flip(dims) if dims else logits", "logits",
      "tests/test_predict.py::test_modality_views_and_flips_average_against_a_float64_reference"),
+    ("ensemble divides by one model", "inference.py", "n = len(self.models) * (", "n = (",
+     "tests/test_predict.py::test_modality_views_and_flips_average_against_a_float64_reference"),
     ("test-time flips undone on the wrong axis", "inference.py", "logits.flip(dims) if dims else logits",
      "logits.flip([-1 - (-d % 2) for d in dims]) if dims else logits",
      "tests/test_predict.py::test_modality_views_and_flips_average_against_a_float64_reference"),

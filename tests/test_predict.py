@@ -250,38 +250,38 @@ class LinearWithRamp(torch.nn.Module):
         return (x * self.weights).sum(1, keepdim=True) + self.ramp
 
 
-@pytest.mark.parametrize("tta", [False, True])
-def test_modality_views_and_flips_average_against_a_float64_reference(tta):
+@pytest.mark.parametrize("tta,n_models", [(False, 1), (True, 2)])
+def test_modality_views_and_flips_average_against_a_float64_reference(tta, n_models):
     """Predictor.probs with modality_tta averages sigmoid over five views (all modalities, then each set to 0 on
-    every context slice), and with tta over the four flips undone: checked against a float64 loop written here
-    (context 1, ends repeated, channels ordered neighbour by neighbour)."""
+    every context slice), with tta over the four flips undone, and over the models of an ensemble: checked against a
+    float64 loop written here (context 1, ends repeated, channels ordered neighbour by neighbour)."""
     s, size = 4, 8
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(s, 4, size, size, generator=gen).half()
-    weights = torch.randn(12, generator=gen).tolist()  # 3 context slices x 4 modalities, each its own weight
-    model = LinearWithRamp(weights, size)
-    predictor = inference.Predictor([model], [0, 1, 2, 3], 1, 1, size, False, torch.device("cpu"),
+    weights = [torch.randn(12, generator=gen).tolist() for _ in range(n_models)]  # 3 context slices x 4 modalities
+    models = [LinearWithRamp(w, size) for w in weights]
+    predictor = inference.Predictor(models, [0, 1, 2, 3], 1, 1, size, False, torch.device("cpu"),
                                      inference.Speed(None, False, False), batch_size=3, tta=tta, modality_tta=True)
     got = predictor.probs(images.numpy(), (0, 0, size))
     assert got.shape == (s, data.RAW_SIZE, data.RAW_SIZE)
 
     x = images.double().numpy()
-    w = np.array(weights).reshape(3, 4)
     ramp = np.linspace(-2, 2, size)[None, :]
     expected = np.zeros((s, size, size))
     flips = [(False, False), (False, True), (True, False), (True, True)] if tta else [(False, False)]
-    for z in range(s):
-        neighbours = [max(z - 1, 0), z, min(z + 1, s - 1)]
-        for drop in (None, 0, 1, 2, 3):
-            logit = np.zeros((size, size))
-            for j, nz in enumerate(neighbours):
-                for k in range(4):
-                    if k != drop:
-                        logit += w[j, k] * x[nz, k]
-            for flip_rows, flip_cols in flips:  # the model sees the flipped slice; its ramp does not flip
-                r = ramp[:, ::-1] if flip_cols else ramp  # so undoing the flip mirrors the ramp alone
-                expected[z] += 1 / (1 + np.exp(-(logit + r)))
-    expected /= 5 * len(flips)
+    for w in (np.array(m).reshape(3, 4) for m in weights):
+        for z in range(s):
+            neighbours = [max(z - 1, 0), z, min(z + 1, s - 1)]
+            for drop in (None, 0, 1, 2, 3):
+                logit = np.zeros((size, size))
+                for j, nz in enumerate(neighbours):
+                    for k in range(4):
+                        if k != drop:
+                            logit += w[j, k] * x[nz, k]
+                for flip_rows, flip_cols in flips:  # the model sees the flipped slice; its ramp does not flip
+                    r = ramp[:, ::-1] if flip_cols else ramp  # so undoing the flip mirrors the ramp alone
+                    expected[z] += 1 / (1 + np.exp(-(logit + r)))
+    expected /= 5 * len(flips) * n_models
     np.testing.assert_allclose(got[:, :size, :size].astype(np.float64), expected, atol=2e-3)
     assert not got[:, size:, :].any() and not got[:, :, size:].any()  # outside the box: probability 0
 
