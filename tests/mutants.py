@@ -1,6 +1,6 @@
 """Plant one bug at a time in a copy of the code and check that the tests meant to see it fail.
 
-    python tests/mutants.py                 # every mutant (~10 min on 2 cores)
+    python tests/mutants.py                 # every mutant (~13 min on 2 cores)
     python tests/mutants.py affine nan      # the mutants whose names contain these words
 
 A mutant is (name, file, old text, new text, tests to run); `old` must occur in the file (a mutant that no longer

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import re
 import shlex
@@ -79,3 +80,12 @@ def test_the_file_table_names_files_that_exist():
     assert {"data.py", "unet.py", "train.py", "predict.py", "inference.py", "figures.py", "metrics.py"} <= set(table)
     for name in table:
         assert (ROOT / name.rstrip("/")).exists(), name
+
+
+def test_the_mutant_count_the_readme_gives_is_the_list():
+    """`tests/mutants.py` grows with the code; the README's "plants N bugs" must follow it."""
+    spec = importlib.util.spec_from_file_location("mutants", ROOT / "tests" / "mutants.py")
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    said = re.findall(r"`python tests/mutants.py` plants (\d+) bugs", README)
+    assert said == [str(len(mutants.MUTANTS))]
