@@ -68,9 +68,10 @@ def resolve_speed(device: torch.device, amp: str = "auto", channels_last: str = 
     """Turn auto | on | off (amp: auto | bf16 | fp16 | off) into the settings for this machine.
 
     On CUDA, auto turns everything on (bf16 where supported, else fp16 with a GradScaler). On a CPU, auto turns
-    bf16 and channels_last on only where the CPU has native bf16 (AVX512-BF16 or AMX): elsewhere bf16 is emulated
-    (a U-Net step measured 7x slower than fp32 on an AVX2-only EPYC) and channels_last without bf16 was 1.6x
-    slower there. torch.compile stays off on a CPU (a minute of compilation for little gain on short runs).
+    bf16 on only where the CPU has native bf16 (AVX512-BF16 or AMX): elsewhere bf16 is emulated (a U-Net step
+    measured 7x slower than fp32 on an AVX2-only EPYC). channels_last stays off on a CPU: it was slower on both
+    kinds of CPU measured (1.6x in fp32 on the AVX2-only EPYC; 1.2x in bf16 on an AVX512-BF16 EPYC,
+    bench/cpu_speed.py). torch.compile stays off on a CPU (a minute of compilation for little gain on short runs).
     """
     why = []
     if amp == "auto":
@@ -82,9 +83,9 @@ def resolve_speed(device: torch.device, amp: str = "auto", channels_last: str = 
             why.append(f"CPU has {' and '.join(native)}: bf16" if native else "CPU has no native bf16: fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     if channels_last == "auto":
-        channels_last = "on" if device.type == "cuda" or (dtype == torch.bfloat16 and cpu_bf16_flags()) else "off"
+        channels_last = "on" if device.type == "cuda" else "off"
         if device.type == "cpu":
-            why.append(f"channels_last {channels_last} with {'bf16' if dtype else 'fp32'} on this CPU")
+            why.append("channels_last off: slower than the default layout on the CPUs measured")
     if compile == "auto":
         compile = "on" if device.type == "cuda" else "off"
     return Speed(dtype, channels_last == "on", compile == "on", why)

@@ -115,7 +115,7 @@ class TrainConfig:
     resident: str = option("on", "training slices in device memory, batches by indexing; off: DataLoader workers read "
                                  "the disk cache", ON_OFF)
     workers: int = option(2, "DataLoader workers with --resident off")
-    channels_last: str = option("auto", "channels-last memory format (auto: on CUDA, and on CPUs with native bf16)",
+    channels_last: str = option("auto", "channels-last memory format (auto: on CUDA; off on a CPU, where it measured slower)",
                                 AUTO_ON_OFF)
     amp: str = option("auto", "autocast dtype (auto: bf16 on CUDA (fp16 where unsupported) and on CPUs with native "
                               "bf16, else fp32)", ("auto", "bf16", "fp16", "off"))
