@@ -149,6 +149,11 @@ MUTANTS = [
     ("validation Dice pooled over volumes", "train.py",
      "\"val_dice\": metrics.nanmean(metrics.dice_from_counts(*per_volume).tolist())",
      "\"val_dice\": metrics.dice_from_counts(*[c.sum() for c in per_volume]).item()", "tests/test_evaluation.py"),
+    ("--amp auto picks bf16 on any CPU", "inference.py", 'amp = "bf16" if native else "off"', 'amp = "bf16"',
+     "tests/test_train.py -k native_bf16"),
+    ("--channels-last auto on with bf16 on a CPU", "inference.py", 'channels_last = "on" if device.type == "cuda" else "off"',
+     'channels_last = "on" if device.type == "cuda" or dtype == torch.bfloat16 else "off"',
+     "tests/test_train.py -k native_bf16"),
     # evaluation
     ("post-processing search picks the worst", "inference.py", "if score > best[2] + 1e-9:",
      "if best[2] < 0 or score < best[2] - 1e-9:", "tests/test_evaluation.py"),
