@@ -98,6 +98,8 @@ class TrainConfig:
                                          "pixels of the other class, on either side); 1: off")
     boundary_width: int = option(3, "half-width in pixels, at the training --size, of the band --boundary-weight "
                                     "weighs")
+    tumour_weight: float = option(1.0, "BCE weight of the tumour's pixels (a missed tumour pixel costs this many "
+                                       "times a false positive; the recipe's misses are under-segmentation); 1: off")
     # sampling and augmentation (on the device)
     oversample: float = option(1.0, "slices at the tumour's extremities (less tumour than a quarter of the volume's "
                                     "largest section) drawn this many times as often as the others (epochs of as "
@@ -191,8 +193,9 @@ def check_config(cfg: TrainConfig) -> None:
                              f"decoder level below the output), got {cfg.deep_supervision}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
-    if not 0 < cfg.boundary_weight < math.inf:
-        raise data.UserError(f"--boundary-weight must be positive and finite, got {cfg.boundary_weight}")
+    for name in ("boundary_weight", "tumour_weight"):
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise data.UserError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(cfg, name)}")
     if not 0 <= cfg.lesion_fade <= 1:
         raise data.UserError(f"--lesion-fade must be in 0..1 (0: off), got {cfg.lesion_fade}")
     if not 0 <= cfg.modality_dropout <= 1:
@@ -409,9 +412,19 @@ def boundary_weights(target: torch.Tensor, weight: float, width: int) -> torch.T
     return 1 + (weight - 1) * (grown - shrunk)  # grown - shrunk: 1 where the window holds both classes
 
 
+def bce_weights(target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:
+    """Per-pixel BCE weights of masks (N, 1, H, W): the edge band's --boundary-weight times --tumour-weight on the
+    tumour; None when both are 1."""
+    edge = boundary_weights(target, cfg.boundary_weight, cfg.boundary_width)
+    if cfg.tumour_weight == 1:
+        return edge
+    tumour = 1 + (cfg.tumour_weight - 1) * target.float()
+    return tumour if edge is None else edge * tumour
+
+
 def training_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: torch.Tensor,
                   cfg: TrainConfig) -> torch.Tensor:
-    """Dice + BCE of the full-size logits, its BCE weighted on the tumour's edge with --boundary-weight; plus
+    """Dice + BCE of the full-size logits, its BCE weighted by `bce_weights` (edge band, tumour); plus
     (deep supervision) that of each auxiliary head against the mask area-averaged to its size (the tumour
     fraction of each cell: a soft target), weighted 1, 1/2, 1/4, .. and normalised to sum 1 as in nnU-Net.
     Without auxiliary heads and edge weights it is the plain loss."""
@@ -419,7 +432,7 @@ def training_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: 
     weights = [w / sum(weights) for w in weights]
     outputs = [logits, *aux_logits]
     targets = [target, *(F.adaptive_avg_pool2d(target.float(), a.shape[-2:]) for a in aux_logits)]
-    pixel_weights = [boundary_weights(target, cfg.boundary_weight, cfg.boundary_width)] + [None] * len(aux_logits)
+    pixel_weights = [bce_weights(target, cfg)] + [None] * len(aux_logits)
     return sum(w * dice_bce_loss(out, t, mode=cfg.loss_mode, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
                                  weight=pw, backend=cfg.loss_backend)
                for w, out, t, pw in zip(weights, outputs, targets, pixel_weights))

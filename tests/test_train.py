@@ -272,6 +272,32 @@ def test_boundary_weight_enters_the_bce_of_the_full_size_output_only():
     assert torch.allclose(got.double(), with_head, rtol=1e-5), (float(got), float(with_head))
 
 
+def test_tumour_weight_weighs_the_bce_of_tumour_pixels_and_multiplies_the_edge_band():
+    """--tumour-weight 3: the loss is mean(w * BCE) + 1 - Dice with w = 3 on the hand-made 2x2 tumour, 1 elsewhere
+    (float64 BCE computed here); with --boundary-weight 4 (half-width 1) as well, the tumour weighs 12, the ring
+    outside it 4."""
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, :, 2:4, 2:4] = 1
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 1, 6, 6, generator=g)
+    x, y = logits.double(), mask.double()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p = torch.sigmoid(x)
+    dice = (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    w = torch.ones(2, 1, 6, 6, dtype=torch.float64)
+    w[0, :, 2:4, 2:4] = 3
+    cfg = train.TrainConfig(loss_backend="torch", tumour_weight=3.0)
+    got = train.training_loss(logits, [], mask.to(torch.uint8), cfg)
+    assert torch.allclose(got.double(), (w * bce).mean() + 1 - dice, rtol=1e-5), float(got)
+    both = torch.ones(2, 1, 6, 6, dtype=torch.float64)
+    both[0, :, 1:5, 1:5] = 4
+    both[0, :, 2:4, 2:4] = 12
+    cfg = train.TrainConfig(loss_backend="torch", tumour_weight=3.0, boundary_weight=4.0, boundary_width=1)
+    got = train.training_loss(logits, [], mask.to(torch.uint8), cfg)
+    assert torch.allclose(got.double(), (both * bce).mean() + 1 - dice, rtol=1e-5), float(got)
+    assert train.bce_weights(mask, train.TrainConfig()) is None
+
+
 def test_deep_supervision_reaches_the_model_trains_its_heads_and_predict_loads_it(tmp_path):
     """The flag builds the heads, a train step moves them (their loss is in the step), the checkpoint keeps them and
     inference.load_checkpoint (predict.py) rebuilds the model and uses the main head only."""
@@ -459,6 +485,7 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--modality-dropout", "0.5", "--channel", "3"], "--modality-dropout needs more than one modality"),
     (["--depth", "2", "--deep-supervision", "2"], "--deep-supervision must be in 0..1 with --depth 2"),
     (["--boundary-weight", "0"], "--boundary-weight must be positive and finite, got 0.0"),
+    (["--tumour-weight", "nan"], "--tumour-weight must be positive and finite, got nan"),
     (["--boundary-width", "0"], "--boundary-width must be positive, got 0"),
     (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
     (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
