@@ -4,7 +4,7 @@ One canonical channel order everywhere: CHANNELS = (FLAIR, T1, T1Gd, T2), the or
 (see README, "Channel order"). Every source becomes volumes of slices taken along the last NIfTI axis (z),
 is normalised per volume and per modality, resized with OpenCV, and cached on disk once as compact arrays:
 float16 images (S, C, size, size), uint8 masks (S, size, size) and the uint8 mask at the original 240 x 240
-resolution, which is what every reported metric is measured against.
+resolution, which every test metric is measured against.
 """
 from __future__ import annotations
 
@@ -78,6 +78,11 @@ def list_h5(root: Path) -> dict[str, list[Path]]:
     return {v: [p for _, p in sorted(files)] for v, files in sorted(volumes.items(), key=lambda kv: int(kv[0]))}
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message ('' when it has none), for one-line errors on stderr."""
+    return (str(e).splitlines() or [""])[0]
+
+
 def read_h5_volume(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Read one volume's slices; the one-hot `mask` (labels 1, 2, 4) becomes a label map. Each slice is read
     straight into the volume's array (the Kaggle files may store float64: h5py converts while reading)."""
@@ -94,7 +99,7 @@ def read_h5_volume(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
                     f["image"].read_direct(image[i])
                     f["mask"].read_direct(onehot)
         except Exception as e:  # h5py raises OSError, KeyError, ... for damaged files
-            raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise DataError(f"cannot read {path}: {type(e).__name__}: {first_line(e)}") from None
         if shapes[0] != image.shape[1:]:
             raise DataError(f"{path}: image has shape {shapes[0]}, expected {image.shape[1:]}")
         if shapes[1] != onehot.shape:
@@ -104,14 +109,10 @@ def read_h5_volume(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def onehot_labels(mask: np.ndarray, path: Path) -> np.ndarray:
-    """The label map (H, W) uint8 of a one-hot mask (H, W, 3) of labels 1, 2, 4; a DataError naming `path` if the
-    mask holds other values or more than one label per voxel."""
-    if mask.dtype == np.uint8:  # the common case, ~15x faster than the general one below
-        label = mask[..., 0] | (mask[..., 1] << 1) | (mask[..., 2] << 2)
-        valid = mask.max(initial=0) <= 1 and not (label & (label - 1)).any()  # 0/1 entries, sum 0, 1, 2 or 4
-    else:
-        valid = np.isin(mask, (0, 1)).all() and not (mask.sum(-1) > 1).any()
-        label = (mask.astype(np.uint8) * np.array([1, 2, 4], np.uint8)).sum(-1).astype(np.uint8)
+    """The label map (H, W) uint8 of a uint8 one-hot mask (H, W, 3) of labels 1, 2, 4 (h5py converts the file's
+    dtype into it); a DataError naming `path` if the mask holds other values or more than one label per voxel."""
+    label = mask[..., 0] | (mask[..., 1] << 1) | (mask[..., 2] << 2)
+    valid = mask.max(initial=0) <= 1 and not (label & (label - 1)).any()  # 0/1 entries, sum 0, 1, 2 or 4
     if not valid:
         raise DataError(f"{path}: mask is not a one-hot of labels 1, 2, 4 (values {np.unique(mask)[:8].tolist()})")
     return label
@@ -144,7 +145,7 @@ def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj)
     except Exception as e:
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DataError(f"cannot read {path}: {type(e).__name__}: {first_line(e)}") from None
     return data, img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
@@ -270,8 +271,7 @@ def kaggle_download() -> Path:
 
         return Path(kagglehub.dataset_download(KAGGLE_DATASET))
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise DataError(f"kagglehub could not download {KAGGLE_DATASET} ({type(e).__name__}: {first}); check Kaggle "
+        raise DataError(f"kagglehub could not download {KAGGLE_DATASET} ({type(e).__name__}: {first_line(e)}); check Kaggle "
                         "credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY), or use --data nifti:DIR "
                         "or --data synthetic") from None
 

@@ -33,8 +33,9 @@ def save_figure(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
-def plot_curves(log: list[dict], path: Path) -> None:
-    """Loss, Dice and IoU per epoch, train and validation, the learning rate, and the epoch kept (dashed)."""
+def plot_curves(log: list[dict], path: Path, kept_epoch: int) -> None:
+    """Loss, Dice and IoU per epoch, train and validation, the learning rate, and the epoch of the model kept and
+    tested (dashed): the best validation epoch, or the last with --select last."""
     import matplotlib.ticker
 
     plt = pyplot()
@@ -43,11 +44,10 @@ def plot_curves(log: list[dict], path: Path) -> None:
     for ax, key, title in zip(axes, ("loss", "dice", "iou"), ("Dice + BCE loss", "Dice", "IoU")):
         ax.plot(epochs, [r[f"train_{key}"] for r in log], "o-", label="train (pooled over batches, augmented)")
         ax.plot(epochs, [r[f"val_{key}"] for r in log], "s-",
-                label="validation (per volume, threshold 0.5)" if key != "loss" else "validation")
+                label="validation (per volume, threshold 0.5)" if key != "loss" else "validation (unweighted)")
         ax.set_title(title), ax.set_xlabel("epoch"), ax.grid(alpha=0.3), ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    best = max(log, key=lambda r: r["val_dice"])
-    axes[1].axvline(best["epoch"], color="gray", ls="--", lw=1)
+    axes[1].axvline(kept_epoch, color="gray", ls="--", lw=1)
     lr_ax = axes[0].twinx()
     lr_ax.plot(epochs, [r["lr"] for r in log], color="gray", alpha=0.5, lw=1)
     lr_ax.set_ylabel("learning rate", color="gray")

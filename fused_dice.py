@@ -256,9 +256,7 @@ def _inputs_flat(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits, targets and weights as 1-D tensors in one shared sample-major order; zero-copy when possible.
     Without weights the logits stand in for them (a pointer the kernels never read)."""
-    order = _sample_major_order(logits)
-    if order is None:
-        order = list(range(logits.dim()))
+    order = _sample_major_order(logits) or list(range(logits.dim()))
     x = _flat(logits, order)
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)  # same bytes; Triton loads it as an integer

@@ -101,8 +101,7 @@ def save_checkpoint(obj: dict, path: Path) -> None:
         with data.atomic_path(path) as tmp:
             torch.save(obj, tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        first = (str(e).splitlines() or [""])[0]
-        raise data.UserError(f"could not write {path} ({type(e).__name__}: {first}); "
+        raise data.UserError(f"could not write {path} ({type(e).__name__}: {data.first_line(e)}); "
                              f"the previous {Path(path).name}, if any, is intact") from None
 
 

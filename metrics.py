@@ -2,7 +2,8 @@
 
 Conventions (MONAI `ignore_empty=True`, nnU-Net): a sample whose target is empty scores NaN, so means
 skip it; the slices with an empty target that still get predicted pixels are counted separately as
-false-positive slices. Every reported metric is taken at the original 240 x 240 resolution.
+false-positive slices. Every test metric is taken at the original 240 x 240 resolution (the validation
+metrics logged while training are at the training size).
 """
 from __future__ import annotations
 

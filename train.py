@@ -569,7 +569,8 @@ def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, pr
 
 @torch.inference_mode()
 def validate(model: torch.nn.Module, val_set: data.SliceSet, cfg: TrainConfig, run: Run, batch_size: int) -> dict:
-    """Validation loss, and Dice and IoU per volume (mean over volumes) at the training size and threshold 0.5."""
+    """Validation loss (the plain Dice + BCE of the output: no edge or tumour weights, no deep-supervision heads),
+    and Dice and IoU per volume (mean over volumes) at the training size and threshold 0.5."""
     logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed)
     masks = val_set.masks.to(run.device)
     loss = dice_bce_loss(logits.unsqueeze(1), masks.unsqueeze(1), mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
@@ -717,7 +718,8 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
         slice_dice += dice.tolist()
         slice_iou += iou.tolist()
         fp += metrics.false_positive_slices(pred, truth)
-        empty += int((truth.flatten(1).sum(1) == 0).sum())
+        area = truth.flatten(1).sum(1)  # tumour pixels of each slice at 240 x 240
+        empty += int((area == 0).sum())
         full_pred = np.zeros((meta["depth"], data.RAW_SIZE, data.RAW_SIZE), bool)  # dropped slices: no brain
         full_true = np.zeros_like(full_pred)
         full_pred[meta["slices"]], full_true[meta["slices"]] = pred.numpy(), truth.numpy()
@@ -726,7 +728,8 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
                            "iou": metrics.iou_score(pred[None], truth[None]).item(),
                            "hd95_mm": metrics.hd95(full_pred, full_true, spacing=(z_mm, x_mm, y_mm)),
                            "tumour_voxels": int(full_true.sum())})
-        records += [{"volume": vid, "slice": z, "dice": d} for z, d in zip(meta["slices"], dice.tolist())]
+        records += [{"volume": vid, "slice": z, "dice": d, "area": a}
+                    for z, d, a in zip(meta["slices"], dice.tolist(), area.tolist())]
     vols = [v["dice"] for v in per_volume]
     summary = {
         "volumes": len(per_volume),
@@ -749,7 +752,7 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
          epochs: int) -> tuple[list[dict], dict]:
     """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
     then evaluate the test patients once; writes metrics.json. Returns the per-slice rows and masks of the test
-    patients for the figures."""
+    patients and the epoch of the model tested, for the figures."""
     predictor = inference.Predictor.from_checkpoints([run.out / "best.pt"], run.device, 2 * cfg.batch_size,
                                                      speed=dataclasses.replace(run.speed, compile=False))
     post, val_best = parse_postprocess(cfg.postprocess), None
@@ -771,7 +774,7 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
           f"HD95 {summary['hd95_mm']:.2f} mm; slice Dice {summary['slice_dice']:.4f} on {summary['tumour_slices']} "
           f"tumour slices; {summary['false_positive_slices']} of {summary['empty_slices']} empty slices with false "
           f"positives ({post}, model of epoch {kept})")
-    return records, masks
+    return records, masks, kept
 
 
 def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
@@ -786,10 +789,10 @@ def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarr
     return items
 
 
-def make_figures(run: Run, cache: data.Cache, log: list[dict], records: list[dict], masks: dict) -> None:
-    figures.plot_curves(log, run.out / "curves.png")
-    area = {(r["volume"], r["slice"]): int(cache.full_masks(r["volume"])[cache.volume(r["volume"])["slices"].index(r["slice"])].sum())
-            for r in records}
+def make_figures(run: Run, cache: data.Cache, log: list[dict], records: list[dict], masks: dict,
+                 kept_epoch: int) -> None:
+    figures.plot_curves(log, run.out / "curves.png", kept_epoch)
+    area = {(r["volume"], r["slice"]): r["area"] for r in records}
     figures.plot_slices(figure_items(figures.pick_overview(records, area), cache, masks), run.out / "overlays.png",
                         "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
     figures.plot_slices(figure_items(figures.pick_worst(records), cache, masks), run.out / "failures.png",
@@ -814,13 +817,13 @@ def main(cfg: TrainConfig) -> None:
     if not run.master:
         return
     try:
-        records, masks = test(cfg, run, cache, split, log, epochs)
-        make_figures(run, cache, log, records, masks)
+        records, masks, kept_epoch = test(cfg, run, cache, split, log, epochs)
+        make_figures(run, cache, log, records, masks, kept_epoch)
     except data.UserError:
         raise
     except Exception as e:  # training is done and its checkpoints are safe: say so in one line
         raise data.UserError(f"training finished but the test phase failed ({type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]}); best.pt and last.pt in {run.out} are intact: "
+                             f"{data.first_line(e)}); best.pt and last.pt in {run.out} are intact: "
                              f"rerun the test with `python train.py --resume {run.out}`") from e
     print(f"wrote {run.out}/: config.json split.json log.jsonl best.pt last.pt metrics.json curves.png overlays.png "
           "failures.png")

@@ -83,6 +83,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+import data  # noqa: E402  (first_line)
 import fused_dice  # noqa: E402
 import train  # noqa: E402  (boundary_weights: the weight map --weight times)
 from common import git_commit, machine, sync, utc_now  # noqa: E402
@@ -191,7 +192,7 @@ def kernel_ms(step, x: torch.Tensor | None, est_ms: float, call_bytes: float) ->
     except Exception as e:  # an op that cannot be captured: time it with events per call instead
         torch.cuda.synchronize()
         NOTES.add(f"*: kernel ms by triton.testing.do_bench (events per call, L2 flushed), because CUDA graph "
-                  f"capture failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                  f"capture failed: {type(e).__name__}: {data.first_line(e)[:160]}")
         ms = triton.testing.do_bench(step, grad_to_none=[x] if x is not None else None, return_mode="median")
         mark = "*"
     if x is not None:
@@ -359,7 +360,7 @@ def main() -> None:
                     else:
                         t_kernel, kernel, mem = t_wall, "-", "n/a"
                 except Exception as e:  # report, keep measuring the others, exit 1 at the end
-                    reason = f"{name} raised at B={b} {name_dtype}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    reason = f"{name} raised at B={b} {name_dtype}: {type(e).__name__}: {data.first_line(e)[:200]}"
                     failures.append(reason)
                     print(f"| {b} | {name_dtype} | {name} | ERROR | | | | | | {reason} |", flush=True)
                     x.grad = None

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_row(key, cfg, device, cache, split, args)
         except Exception as e:
             traceback.print_exc()
-            rows.append((key, label, None, f"FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"))
+            rows.append((key, label, None, f"FAILED: {type(e).__name__}: {data.first_line(e)[:120]}"))
             continue
         finally:
             gc.collect()

@@ -55,6 +55,7 @@ def test_evaluate_by_hand(two_volumes):
     assert summary["slice_dice"] == pytest.approx((100 / 150 + 1) / 2, abs=1e-6)  # tumour slices only
     assert summary["tumour_slices"] == 2 and summary["empty_slices"] == 1 and summary["false_positive_slices"] == 1
     assert [(r["volume"], r["slice"]) for r in records] == [("A", 1), ("A", 2), ("B", 0)]
+    assert [r["area"] for r in records] == [100, 0, 400]  # the true tumour's pixels of each slice
     assert math.isnan(records[1]["dice"]) and masks["A"].sum() == 59
 
 

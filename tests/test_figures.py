@@ -29,6 +29,18 @@ def test_overlay_colours_of_a_known_layout():
     assert rgb[3, 3, 0] > rgb[3, 0, 0]  # brighter scan, brighter grey
 
 
+def test_curves_mark_the_epoch_kept_not_the_best_validation_epoch(monkeypatch, tmp_path):
+    """--select last keeps epoch 4 while validation Dice peaked at epoch 2: the dashed line is at 4."""
+    saved = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: saved.append(fig))
+    log = [{"epoch": e, "lr": 1e-3, **{f"{s}_{k}": v for s in ("train", "val") for k in ("loss", "dice", "iou")},
+            "val_dice": d} for e, d, v in ((1, 0.5, 0.4), (2, 0.9, 0.5), (3, 0.7, 0.6), (4, 0.8, 0.7))]
+    figures.plot_curves(log, tmp_path / "curves.png", kept_epoch=4)
+    dashed = [line.get_xdata() for line in saved[0].axes[1].lines if line.get_linestyle() == "--"]
+    figures.pyplot().close(saved[0])
+    assert len(dashed) == 1 and list(dashed[0]) == [4, 4]
+
+
 def test_outline_follows_the_mask_boundary():
     plt = figures.pyplot()
     mask = np.zeros((30, 40), bool)
