@@ -427,7 +427,7 @@ def training_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: 
     """Dice + BCE of the full-size logits, its BCE weighted by `bce_weights` (edge band, tumour); plus
     (deep supervision) that of each auxiliary head against the mask area-averaged to its size (the tumour
     fraction of each cell: a soft target), weighted 1, 1/2, 1/4, .. and normalised to sum 1 as in nnU-Net.
-    Without auxiliary heads and edge weights it is the plain loss."""
+    Without auxiliary heads and BCE weights it is the plain loss."""
     weights = [0.5**i for i in range(len(aux_logits) + 1)]
     weights = [w / sum(weights) for w in weights]
     outputs = [logits, *aux_logits]
@@ -749,7 +749,7 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
 
 
 def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[dict],
-         epochs: int) -> tuple[list[dict], dict]:
+         epochs: int) -> tuple[list[dict], dict, int]:
     """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
     then evaluate the test patients once; writes metrics.json. Returns the per-slice rows and masks of the test
     patients and the epoch of the model tested, for the figures."""
