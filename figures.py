@@ -88,14 +88,13 @@ def plot_slices(items: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def pick_overview(records: list[dict], tumour_area: dict[tuple[str, int], int], n: int = 8) -> list[dict]:
+def pick_overview(records: list[dict], n: int = 8) -> list[dict]:
     """Slices for the overview: the largest tumour slice of each volume first, then evenly spaced tumour slices.
-    records: per-slice rows (volume, slice, dice), NaN Dice where there is no tumour; tumour_area by (volume, slice)."""
+    records: per-slice rows (volume, slice, dice, area: tumour pixels), NaN Dice where there is no tumour."""
     tumour = [r for r in records if not math.isnan(r["dice"])]
     largest: dict[str, dict] = {}
     for r in tumour:
-        if r["volume"] not in largest or tumour_area[r["volume"], r["slice"]] > \
-                tumour_area[r["volume"], largest[r["volume"]]["slice"]]:
+        if r["volume"] not in largest or r["area"] > largest[r["volume"]]["area"]:
             largest[r["volume"]] = r
     picks = list(largest.values())[:n]
     rest = [r for r in tumour if r not in picks]

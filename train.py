@@ -792,8 +792,7 @@ def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarr
 def make_figures(run: Run, cache: data.Cache, log: list[dict], records: list[dict], masks: dict,
                  kept_epoch: int) -> None:
     figures.plot_curves(log, run.out / "curves.png", kept_epoch)
-    area = {(r["volume"], r["slice"]): r["area"] for r in records}
-    figures.plot_slices(figure_items(figures.pick_overview(records, area), cache, masks), run.out / "overlays.png",
+    figures.plot_slices(figure_items(figures.pick_overview(records), cache, masks), run.out / "overlays.png",
                         "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
     figures.plot_slices(figure_items(figures.pick_worst(records), cache, masks), run.out / "failures.png",
                         "Worst test slices by Dice")

@@ -76,9 +76,8 @@ def test_montage_draws_the_prediction_red_and_the_label_lime(tmp_path, with_trut
 
 
 def test_picks_put_each_volume_s_largest_tumour_slice_first():
-    records = [{"volume": v, "slice": z, "dice": d} for v, z, d in
-               [("a", 0, 0.5), ("a", 1, 0.9), ("a", 2, float("nan")), ("b", 0, 0.1), ("b", 1, 0.7)]]
-    area = {("a", 0): 10, ("a", 1): 30, ("a", 2): 0, ("b", 0): 50, ("b", 1): 5}
-    picks = figures.pick_overview(records, area, n=3)
+    records = [{"volume": v, "slice": z, "dice": d, "area": a} for v, z, d, a in
+               [("a", 0, 0.5, 10), ("a", 1, 0.9, 30), ("a", 2, float("nan"), 0), ("b", 0, 0.1, 50), ("b", 1, 0.7, 5)]]
+    picks = figures.pick_overview(records, n=3)
     assert [(r["volume"], r["slice"]) for r in picks[:2]] == [("a", 1), ("b", 0)] and len(picks) == 3
     assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records, n=2)] == [("b", 0), ("a", 0)]
