@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import data
@@ -85,6 +86,9 @@ class TrainConfig:
     lr: float = option(2e-3, "peak AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     warmup: float = option(1.0, "epochs of linear warm-up before the cosine decay to 1%% of --lr")
+    ema: float = option(0.0, "an exponential moving average of the weights (Polyak) with a time constant of this many "
+                             "epochs (each step: average += (weights - average) / (EMA x batches an epoch)) is what "
+                             "is validated, kept in best.pt and tested; 0: off, the trained weights themselves")
     patience: int = option(8, "stop after this many epochs without a better validation Dice; 0: never stop early")
     select: str = option("best", "the model kept as best.pt and tested: the epoch with the best validation Dice, or "
                                  "the last epoch (a schedule annealed to its end)", ("best", "last"))
@@ -183,7 +187,7 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("size", "epochs", "batch_size", "base", "depth", "context_step", "boundary_width"):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget", "seed",
+    for name in ("patience", "context", "workers", "folds", "warmup", "ema", "weight_decay", "time_budget", "seed",
                  "train_seed"):
         value = getattr(cfg, name)
         if value is not None and value < 0:  # None: --train-seed not given
@@ -393,6 +397,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(total_steps, warmup_steps))
 
 
+def make_ema(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> AveragedModel | None:
+    """--ema: the weights' exponential moving average, a time constant of cfg.ema epochs (None when off). It starts
+    as the weights after the first step; buffers are averaged too, so BatchNorm's statistics follow its weights."""
+    if not cfg.ema:
+        return None
+    decay = max(0.0, 1 - 1 / (cfg.ema * steps_per_epoch))  # a time constant under one step: the weights themselves
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def epochs_in_budget(budget_s: float, elapsed_s: float, epoch_s: float, max_epochs: int) -> int:
     """--time-budget: the first epoch (done, epoch_s long, elapsed_s since the start) and as many more of its length
     as end within budget_s of the start; at least 1, at most max_epochs."""
@@ -439,10 +452,11 @@ def training_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: 
 
 
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                    cfg: TrainConfig, device: torch.device, speed: inference.Speed):
+                    cfg: TrainConfig, device: torch.device, speed: inference.Speed, ema: AveragedModel | None = None):
     """One optimisation step `train_step(x, y) -> (loss, detached logits)` with the fast-path tricks in `speed`:
     channels_last input, autocast (fp16 needs an enabled GradScaler), torch.compile of forward + loss (the fused
-    loss is one custom op inside the graph). No host synchronisation: loss and logits stay on the device."""
+    loss is one custom op inside the graph); then the weights' moving average, if any, takes the step in. No host
+    synchronisation: loss and logits stay on the device."""
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
@@ -460,6 +474,8 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         return loss, logits
 
     return train_step
@@ -592,19 +608,22 @@ def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> di
             "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
 
 
-def save_last(path: Path, model, optimizer, scheduler, scaler, progress: Progress) -> None:
+def save_last(path: Path, model, optimizer, scheduler, scaler, ema: AveragedModel | None, progress: Progress) -> None:
     """last.pt: everything needed to continue exactly (the batches and augmentations are functions of the seed,
     epoch and batch index, so they need no state)."""
     inference.save_checkpoint({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "progress": asdict(progress), "torch_rng": torch.get_rng_state(),
+        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+        "progress": asdict(progress), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, path)
 
 
-def load_last(path: Path, model, optimizer, scheduler, scaler) -> Progress:
+def load_last(path: Path, model, optimizer, scheduler, scaler, ema: AveragedModel | None) -> Progress:
     """Restore what save_last saved; the Progress to continue from."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -623,9 +642,11 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
     optimizer, scheduler = make_optimizer(model, cfg, run.device, cfg.epochs * len(batches),
                                           max(1, int(cfg.warmup * len(batches))))
     scaler = make_scaler(run.device, run.speed)
-    train_step = make_train_step(train_model, optimizer, scheduler, scaler, cfg, run.device, run.speed)
-    eval_model = torch.compile(model) if run.speed.compile else model
-    progress = load_last(run.out / "last.pt", model, optimizer, scheduler, scaler) if cfg.resume else Progress()
+    ema = make_ema(model, cfg, len(batches))
+    kept_model = ema.module if ema is not None else model
+    train_step = make_train_step(train_model, optimizer, scheduler, scaler, cfg, run.device, run.speed, ema)
+    eval_model = torch.compile(kept_model) if run.speed.compile else kept_model
+    progress = load_last(run.out / "last.pt", model, optimizer, scheduler, scaler, ema) if cfg.resume else Progress()
     progress.epochs = progress.epochs or cfg.epochs
     if run.master and cfg.resume:
         print(f"resuming {run.out} at epoch {progress.epoch}, batch {progress.batch} of {len(batches)}")
@@ -640,7 +661,7 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
                 record = {"epoch": epoch, **train_epoch(train_step, batches, epoch, run, progress, stop)}
             except Stopped as s:
                 if run.master:
-                    save_last(last, model, optimizer, scheduler, scaler, progress)
+                    save_last(last, model, optimizer, scheduler, scaler, ema, progress)
                     print(f"stopped by {signal.Signals(s.signum).name} at epoch {epoch}, batch {progress.batch}: "
                           f"resume with `python train.py --resume {run.out}`", file=sys.stderr)
                 raise
@@ -667,8 +688,8 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
                 with open(run.out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if improved or cfg.select == "last":
-                    inference.save_checkpoint(checkpoint(model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
-                save_last(last, model, optimizer, scheduler, scaler, progress)
+                    inference.save_checkpoint(checkpoint(kept_model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
+                save_last(last, model, optimizer, scheduler, scaler, ema, progress)
     if run.master and cfg.patience and progress.stale >= cfg.patience:
         best = max(progress.log, key=lambda r: r["val_dice"])
         print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best['val_dice']:.4f} at "

@@ -1,4 +1,5 @@
 """train.py end to end on tiny data, and every bad input as one line on stderr with a non-zero exit."""
+import dataclasses
 import json
 import os
 import signal
@@ -317,6 +318,55 @@ def test_deep_supervision_reaches_the_model_trains_its_heads_and_predict_loads_i
     loss, logits = step(x, y)
     assert logits.shape == (2, 1, 32, 32)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.aux_heads.parameters()))
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_ema_is_the_running_average_of_the_steps_weights_with_its_time_constant(norm):
+    """--ema E: after each step, average += (weights - average) / (E x steps an epoch), starting from the weights of
+    the first step; buffers (BatchNorm's statistics) are averaged alike. Expected values in float64 from snapshots
+    of the trained weights, not from the averaging code."""
+    cpu, speed = torch.device("cpu"), inference.Speed(None, False, False)
+    cfg = train.TrainConfig(size=16, base=4, depth=2, norm=norm, lr=1e-2, ema=0.5, device="cpu")
+    torch.manual_seed(0)
+    model = train.build_model(cfg)
+    ema = train.make_ema(model, cfg, steps_per_epoch=4)  # a time constant of 2 steps: each step weighs 1/2
+    optimizer, scheduler = train.make_optimizer(model, cfg, cpu, total_steps=5, warmup_steps=1)
+    step = train.make_train_step(model, optimizer, scheduler, train.make_scaler(cpu, speed), cfg, cpu, speed, ema)
+    snapshots = []
+    for _ in range(5):
+        x, y = torch.randn(2, model.cfg.in_channels, 16, 16), (torch.rand(2, 1, 16, 16) > 0.7).to(torch.uint8)
+        step(x, y)
+        snapshots.append({k: v.detach().double().clone() for k, v in model.state_dict().items()})
+    averaged = ema.module.state_dict()
+    for name, first in snapshots[0].items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        expected = first
+        for later in snapshots[1:]:
+            expected = expected + (later[name] - expected) / 2
+        torch.testing.assert_close(averaged[name].double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+        if name.endswith("weight") and first.ndim == 4:
+            assert not torch.allclose(averaged[name].double(), snapshots[-1][name]), name  # not the last weights
+    assert train.make_ema(model, dataclasses.replace(cfg, ema=0.0), 4) is None
+
+
+def test_ema_keeps_the_average_in_best_pt_and_the_trained_weights_in_last_pt(tmp_path):
+    """With --ema, validation, best.pt and the test use the average; last.pt keeps the trained weights (to continue
+    training) beside the average's state."""
+    out = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:4x10", *TINY, "--ema", "1", "--select", "last", "--patience", "0",
+                      "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    check_run(out, 2)
+    best = torch.load(out / "best.pt", weights_only=False)["model"]
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert set(best) == set(last["model"])
+    for name, value in best.items():
+        torch.testing.assert_close(value, last["ema"]["module." + name], rtol=0, atol=0)
+    convs = [n for n, v in best.items() if v.ndim == 4]
+    assert convs and all(not torch.equal(best[n], last["model"][n]) for n in convs)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = sum(int(round(r["slices_per_s"] * r["seconds"] / 8)) for r in log)  # batches of 8
+    assert last["ema"]["n_averaged"].item() == steps  # every step of both epochs taken in
 
 
 def test_nifti_end_to_end_on_real_cases_one_channel(sample_subset, tmp_path):
