@@ -55,14 +55,18 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture(scope="module")
-def reference(cache, tmp_path_factory) -> Path:
-    """The same run, never stopped."""
-    out = tmp_path_factory.mktemp("ref") / "run"
-    proc = start(out, cache)
+def run_to_end(out: Path, cache: Path, *extra: str) -> Path:
+    """A run never stopped."""
+    proc = start(out, cache, *extra)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tmp_path_factory) -> Path:
+    """The same run, never stopped."""
+    return run_to_end(tmp_path_factory.mktemp("ref") / "run", cache)
 
 
 def metrics_of(out: Path) -> dict:
@@ -105,10 +109,7 @@ def test_sigint_saves_mid_epoch_prints_the_resume_line_and_resumes_identically(r
 def test_an_ema_run_killed_and_resumed_ends_like_one_never_stopped(cache, tmp_path):
     """--ema: last.pt carries the average, so a resumed run keeps averaging where it was (an average restarted
     from the resumed weights ends elsewhere)."""
-    reference, out = tmp_path / "ref", tmp_path / "run"
-    proc = start(reference, cache, "--ema", "2")
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr
+    reference, out = run_to_end(tmp_path / "ref", cache, "--ema", "2"), tmp_path / "run"
     proc = start(out, cache, "--ema", "2")
     wait_for_first_epoch(proc, out)
     proc.kill()
