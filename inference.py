@@ -129,14 +129,17 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, context: torch.Tensor, device: torch.device,
-                   batch_size: int, speed: Speed) -> torch.Tensor:
+                   batch_size: int, speed: Speed, asymmetry: bool = False) -> torch.Tensor:
     """Logits (N, H, W) float32 on `device` of the N slices whose context indices into images (M, C, H, W) are the
     rows of `context` (N, K) (data.context_index), in batches of batch_size, each built only when it is run.
-    The last batch is zero-padded to the full size, so a compiled model sees one shape and never recompiles."""
+    The last batch is zero-padded to the full size, so a compiled model sees one shape and never recompiles.
+    With asymmetry, each channel's left-right mirror difference is appended (data.with_asymmetry), as in training."""
     model.eval()
     outs = []
     for i in range(0, context.shape[0], batch_size):
         x = data.with_context(images, context[i:i + batch_size]).to(device, non_blocking=True).float()
+        if asymmetry:
+            x = data.with_asymmetry(x)
         n = x.shape[0]
         if n < batch_size and context.shape[0] > batch_size:
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_size - n))
@@ -165,6 +168,7 @@ class Predictor:
     batch_size: int = 32
     tta: bool = False          # average over the four flips
     modality_tta: bool = False  # also average over the views with one modality set to 0 (see probs)
+    asymmetry: bool = False    # the model reads each channel's difference from its left-right mirror too
     threshold: float = 0.5
     min_component: int = 0
     largest_3d: bool = False
@@ -176,16 +180,17 @@ class Predictor:
         the median threshold and minimum component of its members, largest-3D by majority."""
         loaded = [load_checkpoint(p, device) for p in paths]
         ckpts = [c for _, c in loaded]
-        prep = [(list(c["channels"]), c["context"], c.get("context_step", 1), c["size"], c["crop"]) for c in ckpts]
+        prep = [(list(c["channels"]), c["context"], c.get("context_step", 1), c["size"], c["crop"],
+                 c.get("asymmetry", False)) for c in ckpts]
         if any(p != prep[0] for p in prep):
-            raise data.UserError(f"checkpoints disagree on channels/context/context step/size/crop: {prep}: an ensemble "
-                                 f"needs one preprocessing")
+            raise data.UserError(f"checkpoints disagree on channels/context/context step/size/crop/asymmetry: {prep}: "
+                                 f"an ensemble needs one preprocessing")
         config = ckpts[0].get("config", {})  # the run's own amp / channels_last settings, resolved for this device
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]
-        channels, context, context_step, size, crop = prep[0]
+        channels, context, context_step, size, crop, asymmetry = prep[0]
         return cls(models, channels, context, context_step, size, crop, device, speed, batch_size, tta, modality_tta,
-                   threshold=float(np.median([c["threshold"] for c in ckpts])),
+                   asymmetry, threshold=float(np.median([c["threshold"] for c in ckpts])),
                    min_component=int(np.median([c["min_component"] for c in ckpts])),
                    largest_3d=2 * sum(bool(c["largest_3d"]) for c in ckpts) > len(ckpts))
 
@@ -214,7 +219,7 @@ class Predictor:
             for dims in (FLIPS if self.tta else FLIPS[:1]):
                 for view in views:
                     logits = predict_logits(model, view.flip(dims) if dims else view, context, self.device,
-                                            self.batch_size, self.speed)
+                                            self.batch_size, self.speed, self.asymmetry)
                     logits = data.uncrop(logits.flip(dims) if dims else logits, tuple(box), fill=-math.inf)
                     total = torch.sigmoid(logits) if total is None else total + torch.sigmoid(logits)
         n = len(self.models) * (len(FLIPS) if self.tta else 1) * len(views)

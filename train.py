@@ -57,6 +57,9 @@ class TrainConfig:
     context: int = option(0, "neighbouring slices on each side stacked as extra input channels (2.5D); 0: the slice alone")
     context_step: int = option(1, "slices between the context's neighbours (z ± STEP, z ± 2·STEP, ..): a wider view "
                                   "in z for the same channels")
+    asymmetry: str = option("off", "also read each input channel's difference from its left-right mirror image (the "
+                                   "other hemisphere), where a lesion faint against its own brain may still stand out",
+                            ON_OFF)
     size: int = option(240, "slices are resized to SIZE x SIZE pixels for training")
     crop: str = option("on", "crop each volume to its brain's box before resizing, so the SIZE pixels span the brain",
                        ON_OFF)
@@ -336,12 +339,15 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     if counts["train"] == 0 or counts["val"] == 0:
         raise data.DataError("no slices with brain in the training or validation volumes")
     n_train = sum(len(cache.volume(v)["slices"]) for v in trained_on)
+    if cfg.asymmetry == "on":
+        check_left_right(cache, trained_on)
     batch_size = min(cfg.batch_size, n_train // run.world)
     batches = data.TrainBatches(
         cache, trained_on, channels, run.device, batch_size, context=cfg.context, context_step=cfg.context_step,
         resident=cfg.resident == "on", workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world,
         augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity,
-        lesion_fade=cfg.lesion_fade, oversample=cfg.oversample, modality_dropout=cfg.modality_dropout)
+        lesion_fade=cfg.lesion_fade, oversample=cfg.oversample, modality_dropout=cfg.modality_dropout,
+        asymmetry=cfg.asymmetry == "on")
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
@@ -354,7 +360,8 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         print(f"data: {len(cache.volume_ids)} volumes, {cache.meta['kept']} slices with brain ({cache.meta['dropped']} "
               f"without brain dropped); split by patient {len(split['train'])}/{len(split['val'])}/{len(split['test'])} "
               f"volumes ({counts['train']}/{counts['val']}/{counts['test']} slices); channels "
-              f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context} (step {cfg.context_step}), crop {cfg.crop}")
+              f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context} (step {cfg.context_step}), crop {cfg.crop}, "
+              f"asymmetry {cfg.asymmetry}")
         if cfg.train_on == "train+val":
             print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
                   f"of patients trained on")
@@ -366,12 +373,24 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     return cache, split, batches, val_set
 
 
+def check_left_right(cache: data.Cache, volume_ids: list[str]) -> None:
+    """--asymmetry mirrors each slice across data.LEFT_RIGHT_DIM: refuse a source whose brains are not symmetric
+    across it (another orientation), which would feed the model a difference of unrelated places."""
+    brain = np.concatenate([(cache.images(v, mmap=True) != 0).any(1) for v in volume_ids])
+    across_h, across_w = data.mirror_overlap(brain)
+    if (across_h, across_w)[data.LEFT_RIGHT_DIM + 2] < max(across_h, across_w):
+        raise data.DataError(f"--asymmetry on: the training brains overlap their mirror image by {across_h:.2f} across H "
+                             f"and {across_w:.2f} across W, so left-right is not the axis data.LEFT_RIGHT_DIM "
+                             f"({data.LEFT_RIGHT_DIM}) assumes: this source's slices are in another orientation")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model, optimiser, one step
 
 
 def build_model(cfg: TrainConfig) -> UNet:
-    return UNet(UNetConfig(in_channels=len(channel_list(cfg.channel)) * (2 * cfg.context + 1), base=cfg.base,
+    inputs = len(channel_list(cfg.channel)) * (2 * cfg.context + 1) * (2 if cfg.asymmetry == "on" else 1)
+    return UNet(UNetConfig(in_channels=inputs, base=cfg.base,
                            depth=cfg.depth, norm=cfg.norm, deep_supervision=cfg.deep_supervision))
 
 
@@ -587,7 +606,8 @@ def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, pr
 def validate(model: torch.nn.Module, val_set: data.SliceSet, cfg: TrainConfig, run: Run, batch_size: int) -> dict:
     """Validation loss (the plain Dice + BCE of the output: no edge or tumour weights, no deep-supervision heads),
     and Dice and IoU per volume (mean over volumes) at the training size and threshold 0.5."""
-    logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed)
+    logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed,
+                                      cfg.asymmetry == "on")
     masks = val_set.masks.to(run.device)
     loss = dice_bce_loss(logits.unsqueeze(1), masks.unsqueeze(1), mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
                          dice_weight=cfg.dice_weight, backend="torch")
@@ -604,6 +624,7 @@ def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> di
     it is chosen on validation after training)."""
     return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
             "channels": channel_list(cfg.channel), "context": cfg.context, "context_step": cfg.context_step,
+            "asymmetry": cfg.asymmetry == "on",
             "size": cfg.size, "crop": cfg.crop == "on",
             "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
 

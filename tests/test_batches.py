@@ -247,3 +247,48 @@ def test_modality_dropout_blanks_one_modality_on_every_context_copy():
         assert low <= int(hit.sum()) <= high
         assert blank[:, 0].any() and blank[:, 1].any()
         assert torch.equal(out[~blank], plain[~blank])
+
+
+def test_asymmetry_appends_the_difference_from_the_left_right_mirror():
+    """Hand-made 2 x 3 slice: left-right is H (data.LEFT_RIGHT_DIM), so the mirror swaps the two rows; a sample the
+    augmentation transposed has left-right along W, so its mirror reverses each row."""
+    x = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]]).reshape(1, 1, 2, 3)
+    out = data.with_asymmetry(x)
+    assert out.shape == (1, 2, 2, 3) and torch.equal(out[:, :1], x)
+    assert torch.equal(out[0, 1], torch.tensor([[-7.0, -14.0, -28.0], [7.0, 14.0, 28.0]]))
+    swapped = data.with_asymmetry(x.repeat(2, 1, 1, 1), torch.tensor([False, True]).reshape(2, 1, 1, 1))
+    assert torch.equal(swapped[0, 1], out[0, 1])
+    assert torch.equal(swapped[1, 1], torch.tensor([[-3.0, 0.0, 3.0], [-24.0, 0.0, 24.0]]))
+
+
+def test_augment_mirrors_across_the_axis_left_right_became():
+    """Each sample of a batch gets a random flip / transpose; the appended channels must be the augmented image minus
+    its mirror across where the original H (left-right) went: H for the four transforms that keep the axes, W for
+    the four that swap them (found here by matching each output against the eight transforms of its input). The
+    image channels and the mask are exactly those drawn without asymmetry."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 32, 2
+    x = torch.rand(n, c, 8, 8, generator=g) + 1
+    y = (torch.rand(n, 1, 8, 8, generator=g) > 0.5).to(torch.uint8)
+    plain, y_plain = data.augment(x, y, torch.Generator().manual_seed(3), intensity=0.0, modalities=c,
+                                  modality_dropout=0.5)
+    out, y_out = data.augment(x, y, torch.Generator().manual_seed(3), intensity=0.0, modalities=c,
+                              modality_dropout=0.5, asymmetry=True)
+    assert out.shape == (n, 2 * c, 8, 8) and torch.equal(out[:, :c], plain) and torch.equal(y_out, y_plain)
+    kept = transposed = 0
+    for i in range(n):
+        keeps_axes = [torch.equal(y_out[i], y[i].flip(dims) if dims else y[i]) for dims in ((), (-1,), (-2,), (-1, -2))]
+        swaps_axes = [torch.equal(y_out[i], (y[i].transpose(-1, -2).flip(dims) if dims else y[i].transpose(-1, -2)))
+                      for dims in ((), (-1,), (-2,), (-1, -2))]
+        assert any(keeps_axes) != any(swaps_axes)  # a random mask matches exactly one transform
+        left_right = -2 if any(keeps_axes) else -1
+        kept, transposed = kept + any(keeps_axes), transposed + any(swaps_axes)
+        assert torch.equal(out[i, c:], out[i, :c] - out[i, :c].flip(left_right))
+    assert kept and transposed
+
+
+def test_batches_without_augmentation_carry_the_asymmetry_too(tagged):
+    """--augment off --asymmetry on: the model still reads the mirror difference (the input it is evaluated with)."""
+    batches = data.TrainBatches(tagged, ["v0"], [0, 1], "cpu", 2, augment=False, asymmetry=True)
+    x, _ = next(iter(batches.epoch(1)))
+    assert x.shape[1] == 4 and torch.equal(x[:, 2:], x[:, :2] - x[:, :2].flip(-2))

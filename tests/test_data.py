@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import train
 from conftest import SAMPLE_CASES, read_case_with_nibabel, write_h5_slices
 
 
@@ -311,3 +312,20 @@ def test_a_changed_source_file_rebuilds_the_cache(tmp_path):
     resized = data.prepare(f"h5:{src}", 16, tmp_path / "cache")
     assert resized.root not in seen
     assert data.prepare(f"h5:{src}", 16, tmp_path / "cache").root == resized.root  # unchanged: reused
+
+
+def test_left_right_is_h_in_the_real_slices(sample_subset, tmp_path, monkeypatch, capsys):
+    """--asymmetry mirrors across data.LEFT_RIGHT_DIM: the real brains, read and cropped as the pipeline does, must be
+    clearly more symmetric across it than across the other axis (a reader that swapped the in-plane axes would
+    fail here), and train.py refuses --asymmetry when they are not (the axis set to W here) with one line."""
+    for case in sorted(sample_subset.iterdir()):
+        image, _, _, _ = data.read_nifti_case(case)
+        _, images, _ = data.preprocess_volume(image, 64)
+        across_h, across_w = data.mirror_overlap((images != 0).any(1))
+        assert data.LEFT_RIGHT_DIM == -2 and across_h > across_w + 0.1, (case.name, across_h, across_w)
+    monkeypatch.setattr(data, "LEFT_RIGHT_DIM", -1)
+    rc = train.cli(["--data", f"nifti:{sample_subset}", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
+                    "--asymmetry", "on", "--device", "cpu", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "another orientation" in err[0] and "--asymmetry on" in err[0]
+    assert not (tmp_path / "run" / "best.pt").exists()

@@ -112,7 +112,8 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
         kept["slices"], kept["images"], kept["box"] = preprocess(image, size, crop_to_brain)
         return kept["slices"], kept["images"], kept["box"]
 
-    def oracle_logits(model, images, context, device, batch_size, speed):
+    def oracle_logits(model, images, context, device, batch_size, speed, asymmetry):
+        assert not asymmetry
         assert torch.equal(images, torch.from_numpy(kept["images"][:, [2, 0]])) and context.shape == (len(images), 1)
         label = torch.from_numpy(truth.transpose(2, 0, 1)[kept["slices"]])  # (z, x, y) kept slices
         logits = torch.where(label, 20.0, -20.0)
@@ -181,7 +182,7 @@ def test_the_context_step_travels_from_training_to_prediction(tmp_path, monkeypa
     assert raw["context"] == 1 and raw["context_step"] == 2
     seen = []
 
-    def spy_logits(model, images, context, device, batch_size, speed):
+    def spy_logits(model, images, context, device, batch_size, speed, asymmetry):
         seen.append(context.tolist())
         return torch.zeros(len(context), images.shape[-2], images.shape[-1])
 
@@ -297,3 +298,28 @@ def test_modality_views_need_more_than_one_modality(tmp_path, capsys):
     lines = nonempty_lines(capsys.readouterr().err)
     assert rc == 2 and len(lines) == 1 and "more than one modality" in lines[0] and "flair" in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_asymmetry_travels_from_training_to_prediction(tmp_path):
+    """A run trained with --asymmetry on stores it in best.pt, its model reads 8 channels (4 modalities and their
+    mirror differences), and the Predictor feeds it what training did: its probabilities equal the model's own
+    sigmoid on data.with_asymmetry of the slices. An ensemble with a model that reads 4 channels is refused."""
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    for out, extra in ((run, ["--asymmetry", "on"]), (plain, [])):
+        assert train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
+                          "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+                          "--out", str(out), *extra]) == 0
+    raw = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    assert raw["asymmetry"] is True and raw["unet"]["in_channels"] == 8
+    fp32 = inference.Speed(None, False, False)
+    predictor = inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu"), speed=fp32)
+    images = np.random.default_rng(0).normal(size=(5, 4, 32, 32)).astype(np.float16)
+    probs = predictor.probs(images, (0, 0, 32))
+    x = torch.from_numpy(images).double()
+    model = predictor.models[0].double()
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.cat([x, x - x.flip(-2)], 1)))[:, 0].numpy()
+    np.testing.assert_allclose(probs[:, :32, :32], expected, atol=1e-3)  # float16 probabilities
+    assert (probs[:, 32:] == 0).all() and (probs[:, :, 32:] == 0).all()
+    with pytest.raises(data.UserError, match="asymmetry"):
+        inference.Predictor.from_checkpoints([run / "best.pt", plain / "best.pt"], torch.device("cpu"))

@@ -102,14 +102,16 @@ def test_oversample_reaches_the_batches_and_the_log(tmp_path, monkeypatch, capsy
     assert f"oversampling: {n} of {len(oversampled.weights)} training slices" in capsys.readouterr().out
 
 
-def test_lesion_fade_and_modality_dropout_reach_the_augmentation(tmp_path, monkeypatch):
-    """--lesion-fade 0.5 / --modality-dropout 0.25: every training batch's augmentation gets them, with the four
-    modalities told apart from the context copies (12 input channels with --context 1); 0 without the flags."""
+def test_lesion_fade_modality_dropout_and_asymmetry_reach_the_augmentation(tmp_path, monkeypatch):
+    """--lesion-fade 0.5 / --modality-dropout 0.25 / --asymmetry on: every training batch's augmentation gets them,
+    with the four modalities told apart from the context copies (12 input channels with --context 1); off without
+    the flags."""
     seen = []
     original = data.augment
     monkeypatch.setattr(data, "augment", lambda x, y, *a: seen.append((x.shape[1], *a[3:])) or original(x, y, *a))
-    runs = {"plain": ([], (12, 0.0, 4, 0.0)), "faded": (["--lesion-fade", "0.5"], (12, 0.5, 4, 0.0)),
-            "dropped": (["--modality-dropout", "0.25"], (12, 0.0, 4, 0.25))}
+    runs = {"plain": ([], (12, 0.0, 4, 0.0, False)), "faded": (["--lesion-fade", "0.5"], (12, 0.5, 4, 0.0, False)),
+            "dropped": (["--modality-dropout", "0.25"], (12, 0.0, 4, 0.25, False)),
+            "mirrored": (["--asymmetry", "on"], (12, 0.0, 4, 0.0, True))}
     for name, (flags, _) in runs.items():
         assert train.cli(["--data", "synthetic:6x12", *TINY, "--epochs", "1", "--context", "1", *flags,
                           "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / "c")]) == 0
