@@ -870,7 +870,8 @@ class TrainBatches:
     Both follow epoch_order (oversample > 1: the tumour's extremity slices drawn that many times as often, see
     extremity_weights), and each batch's augmentation is seeded by (seed, epoch, rank, batch), so an
     epoch is a pure function of its number: a run resumed at any batch sees the batches it would have seen.
-    Yields (images float32 (B, K * C, H, W), 2 K * C with asymmetry, masks uint8 (B, 1, H, W)), contiguous, on `device`.
+    Yields (images float32 (B, K * C, H, W), 2 K * C channels with asymmetry, masks uint8 (B, 1, H, W)),
+    contiguous, on `device`.
     """
 
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
