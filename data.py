@@ -756,8 +756,8 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
     def coin() -> torch.Tensor:
         return torch.rand(n, 1, 1, 1, device=dev, generator=generator) < 0.5
 
-    if x.shape[-1] == x.shape[-2]:
-        t = coin()
+    t = coin() if x.shape[-1] == x.shape[-2] else None  # transposed samples (square slices only)
+    if t is not None:
         x, y = torch.where(t, x.transpose(-1, -2), x), torch.where(t, y.transpose(-1, -2), y)
     for dim in (-1, -2):
         f = coin()
@@ -784,7 +784,7 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine
         keep = ~(hit & (torch.arange(k, device=dev) == dropped))  # (N, k)
         x = x * keep.repeat(1, c // k)[:, :, None, None].to(x.dtype)
     if asymmetry:  # of the image the model sees: after the intensities, the fade and the dropped modality
-        x = with_asymmetry(x, t if x.shape[-1] == x.shape[-2] else None)
+        x = with_asymmetry(x, t)
     return x.contiguous(), y.contiguous()
 
 

@@ -36,7 +36,7 @@ MUTANTS = [
     ("checkpoint without the context step", "train.py", "\"context_step\": cfg.context_step,", "",
      "tests/test_predict.py -k context_step"),
     ("asymmetry: a transposed sample mirrored across H", "data.py",
-     "x = with_asymmetry(x, t if x.shape[-1] == x.shape[-2] else None)", "x = with_asymmetry(x)",
+     "x = with_asymmetry(x, t)", "x = with_asymmetry(x)",
      "tests/test_batches.py -k mirrors"),
     ("asymmetry: left-right taken as W", "data.py", "LEFT_RIGHT_DIM = -2", "LEFT_RIGHT_DIM = -1",
      "tests/test_batches.py -k asymmetry"),
