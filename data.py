@@ -651,6 +651,45 @@ def with_context(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return images[index].flatten(1, 2)
 
 
+PLANES = (1, 3)  # slice stacks a model is trained and run on: across z only, or across z, H and W
+
+
+def plane_depth(slices: int, box_side: int, size: int, spacing: list[float] | tuple[float, ...]) -> int:
+    """The number of rows z spans in the slices across H and W: z resampled to the in-plane pixel of the resized
+    box (box_side * x_mm / size), so those slices have square pixels too; at most `size` (a box narrower than the
+    brain is tall squeezes z a little). spacing is (x_mm, y_mm, z_mm), the slices stacked (z, x, y)."""
+    x_mm, _, z_mm = spacing[:3]
+    return int(min(size, max(1, round(slices * z_mm * size / (box_side * x_mm)))))
+
+
+def resample_z(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """Stacked slices (D, K, H, W) → (depth, K, H, W) float32, linear in z (pixel centres aligned as by OpenCV)."""
+    x = x.float()
+    if x.shape[0] == depth:
+        return x
+    return F.interpolate(x.movedim(0, 1)[None], size=(depth, *x.shape[2:]), mode="trilinear",
+                         align_corners=False)[0].movedim(0, 1)
+
+
+def to_planes(x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A volume's stacked slices (D, K, S, S), z resampled to `depth` rows and centred in S rows of zeros (the
+    background's value): its slices across H, (S, K, S, S) indexed [h, k, z, w], and across W, [w, k, z, h]. With H
+    the left-right axis (LEFT_RIGHT_DIM), those are the sagittal and the coronal slices."""
+    size = x.shape[-1]
+    top = (size - depth) // 2
+    v = F.pad(resample_z(x, depth), (0, 0, 0, 0, 0, 0, top, size - depth - top))  # (S, K, S, S) [z, k, h, w]
+    return v.permute(2, 1, 0, 3).contiguous(), v.permute(3, 1, 0, 2).contiguous()
+
+
+def from_plane(values: torch.Tensor, across: str, depth: int, slices: int) -> torch.Tensor:
+    """Values (S, S, S) of the slices across H ([h, z, w]) or W ([w, z, h]) of to_planes, back on the grid of the
+    stacked slices (slices, S, S) [z, h, w]: the padding dropped, z resampled to `slices`, linear."""
+    size = values.shape[-1]
+    top = (size - depth) // 2
+    v = values.permute(1, 0, 2) if across == "H" else values.permute(1, 2, 0)  # [z, h, w]
+    return resample_z(v[top:top + depth, None], slices)[:, 0]
+
+
 @dataclass
 class SliceSet:
     """Slices of some volumes as tensors: images (N, C, H, W) float16, masks (N, H, W) uint8, the volume of each
@@ -671,15 +710,18 @@ class SliceSet:
 
 
 def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0,
-                device: torch.device | str = "cpu", context_step: int = 1) -> SliceSet:
-    """Load the cached slices of these volumes into one tensor on `device`, volume by volume.
+                device: torch.device | str = "cpu", context_step: int = 1, planes: int = 1) -> SliceSet:
+    """Load the cached slices of these volumes into one tensor on `device`, volume by volume; with planes=3 each
+    volume's slices across H and across W (to_planes) follow its slices across z, each stack with its own context.
 
     On CUDA, when the set does not fit in free memory (with 4 GB headroom), it stays in pinned host memory
     and batches are copied over without blocking; one line says so.
     """
     device = as_device(device)
+    size = cache.meta["size"]
     counts = [len(cache.volume(v)["slices"]) for v in volume_ids]
-    n, size = sum(counts), cache.meta["size"]
+    stacks = [[c] + [size] * (planes - 1) for c in counts]  # slices of each volume's stacks
+    n = sum(map(sum, stacks))
     target = device
     if device.type == "cuda":
         need = n * (len(channels) + 1) * size * size * 2
@@ -693,12 +735,21 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], contex
     masks = torch.empty((n, size, size), dtype=torch.uint8, device=target, pin_memory=pin)
     start = 0
     for vid, c in zip(volume_ids, counts):
-        img = cache.images(vid, mmap=True)[:, channels]
-        images[start:start + c].copy_(torch.from_numpy(np.ascontiguousarray(img)))
-        masks[start:start + c].copy_(torch.from_numpy(cache.masks(vid)))
+        img = torch.from_numpy(np.ascontiguousarray(cache.images(vid, mmap=True)[:, channels]))
+        mask = torch.from_numpy(cache.masks(vid))
+        images[start:start + c].copy_(img)
+        masks[start:start + c].copy_(mask)
         start += c
-    volume = torch.repeat_interleave(torch.arange(len(volume_ids)), torch.tensor(counts, dtype=torch.long))
-    return SliceSet(images, masks, volume, list(volume_ids), context_index(counts, context, context_step).to(target))
+        if planes == 3:  # the mask rides along as one more channel, resampled with the images, then thresholded
+            meta = cache.volume(vid)
+            depth = plane_depth(c, meta["box"][2], size, meta["spacing"])
+            for stack in to_planes(torch.cat([img, mask[:, None]], 1), depth):
+                images[start:start + size].copy_(stack[:, :-1])
+                masks[start:start + size].copy_(stack[:, -1] >= 0.5)
+                start += size
+    volume = torch.repeat_interleave(torch.arange(len(volume_ids)), torch.tensor(list(map(sum, stacks)), dtype=torch.long))
+    index = context_index([k for per_volume in stacks for k in per_volume], context, context_step)
+    return SliceSet(images, masks, volume, list(volume_ids), index.to(target))
 
 
 def fade_lesion(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -871,21 +922,27 @@ class TrainBatches:
     extremity_weights), and each batch's augmentation is seeded by (seed, epoch, rank, batch), so an
     epoch is a pure function of its number: a run resumed at any batch sees the batches it would have seen.
     Yields (images float32 (B, K * C, H, W), 2 K * C channels with asymmetry, masks uint8 (B, 1, H, W)),
-    contiguous, on `device`.
+    contiguous, on `device`. planes=3: the slices across H and W join those across z (load_slices).
     """
 
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
                  batch_size: int, *, context: int = 0, context_step: int = 1, resident: bool = True, workers: int = 2,
                  seed: int = 0, rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False,
                  intensity: float = 0.1, lesion_fade: float = 0.0, oversample: float = 1.0,
-                 modality_dropout: float = 0.0, asymmetry: bool = False):
+                 modality_dropout: float = 0.0, asymmetry: bool = False, planes: int = 1):
+        if planes not in PLANES:
+            raise UserError(f"--planes must be one of {PLANES}, got {planes}")
+        for flag, clash in (("--resident off", not resident), ("--oversample", oversample != 1),
+                            ("--asymmetry on", asymmetry)):
+            if planes != 1 and clash:  # slices built in memory; extremities and left-right defined across z only
+                raise UserError(f"--planes {planes} cannot be used with {flag}: it works on the slices across z only")
         self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
         self.seed, self.rank, self.world = seed, rank, world
         self.augment, self.affine, self.intensity, self.lesion_fade = augment, affine, intensity, lesion_fade
         self.modality_dropout, self.asymmetry = modality_dropout, asymmetry
         self.modalities = len(channels)
         if resident:
-            self.slices = load_slices(cache, volume_ids, channels, context, self.device, context_step)
+            self.slices = load_slices(cache, volume_ids, channels, context, self.device, context_step, planes)
             self.n = len(self.slices)
         else:
             dataset = DiskSlices(cache, volume_ids, channels, context, context_step)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,7 @@ class Predictor:
     tta: bool = False          # average over the four flips
     modality_tta: bool = False  # also average over the views with one modality set to 0 (see probs)
     asymmetry: bool = False    # the model reads each channel's difference from its left-right mirror too
+    planes: int = 1            # 3: also run on the slices across H and W (data.to_planes), the three averaged
     threshold: float = 0.5
     min_component: int = 0
     largest_3d: bool = False
@@ -181,16 +183,16 @@ class Predictor:
         loaded = [load_checkpoint(p, device) for p in paths]
         ckpts = [c for _, c in loaded]
         prep = [(list(c["channels"]), c["context"], c.get("context_step", 1), c["size"], c["crop"],
-                 c.get("asymmetry", False)) for c in ckpts]
+                 c.get("asymmetry", False), c.get("planes", 1)) for c in ckpts]
         if any(p != prep[0] for p in prep):
-            raise data.UserError(f"checkpoints disagree on channels/context/context step/size/crop/asymmetry: {prep}: "
-                                 f"an ensemble needs one preprocessing")
+            raise data.UserError(f"checkpoints disagree on channels/context/context step/size/crop/asymmetry/planes: "
+                                 f"{prep}: an ensemble needs one preprocessing")
         config = ckpts[0].get("config", {})  # the run's own amp / channels_last settings, resolved for this device
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]
-        channels, context, context_step, size, crop, asymmetry = prep[0]
+        channels, context, context_step, size, crop, asymmetry, planes = prep[0]
         return cls(models, channels, context, context_step, size, crop, device, speed, batch_size, tta, modality_tta,
-                   asymmetry, threshold=float(np.median([c["threshold"] for c in ckpts])),
+                   asymmetry, planes, threshold=float(np.median([c["threshold"] for c in ckpts])),
                    min_component=int(np.median([c["min_component"] for c in ckpts])),
                    largest_3d=2 * sum(bool(c["largest_3d"]) for c in ckpts) > len(ckpts))
 
@@ -203,34 +205,43 @@ class Predictor:
     def post(self) -> dict:
         return {"threshold": self.threshold, "min_component": self.min_component, "largest_3d": self.largest_3d}
 
-    def probs(self, images: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+    def probs(self, images: np.ndarray, box: tuple[int, int, int], spacing: list[float] | tuple[float, ...]
+              ) -> np.ndarray:
         """Tumour probabilities (S, 240, 240) float16 of one volume's preprocessed slices (S, 4, size, size)
-        (as data.preprocess_volume or the cache give them), averaged over models (and flips). With modality_tta,
-        also over the views of each slice with one modality set to 0 on every context slice, as modality dropout
-        does in training (data.augment): all modalities, then each missing in turn."""
+        (as data.preprocess_volume or the cache give them; spacing (x_mm, y_mm, z_mm)), averaged over models (and
+        flips), and with planes=3 over the slices across z, H and W, each mapped back to the slices across z. With
+        modality_tta, also over the views of each slice with one modality set to 0 on every context slice, as
+        modality dropout does in training (data.augment): all modalities, then each missing in turn."""
         x = torch.from_numpy(np.ascontiguousarray(images[:, self.channels]))
-        context = data.context_index([len(x)], self.context, self.context_step)
-        views = [x]
-        for k in range(x.shape[1]) if self.modality_tta else ():
-            views.append(x.clone())
-            views[-1][:, k] = 0
-        total = None
-        for model in self.models:
-            for dims in (FLIPS if self.tta else FLIPS[:1]):
-                for view in views:
-                    logits = predict_logits(model, view.flip(dims) if dims else view, context, self.device,
-                                            self.batch_size, self.speed, self.asymmetry)
-                    logits = data.uncrop(logits.flip(dims) if dims else logits, tuple(box), fill=-math.inf)
-                    total = torch.sigmoid(logits) if total is None else total + torch.sigmoid(logits)
-        n = len(self.models) * (len(FLIPS) if self.tta else 1) * len(views)
+        stacks = [(x, lambda logits: logits)]  # (slices, their logits back on the slices across z)
+        if self.planes == 3:
+            depth = data.plane_depth(len(x), box[2], self.size, spacing)
+            for across, stack in zip("HW", data.to_planes(x, depth)):
+                stacks.append((stack, partial(data.from_plane, across=across, depth=depth, slices=len(x))))
+        total, n = None, 0
+        for stack, back in stacks:
+            context = data.context_index([len(stack)], self.context, self.context_step)
+            views = [stack]
+            for k in range(stack.shape[1]) if self.modality_tta else ():
+                views.append(stack.clone())
+                views[-1][:, k] = 0
+            for model in self.models:
+                for dims in (FLIPS if self.tta else FLIPS[:1]):
+                    for view in views:
+                        logits = predict_logits(model, view.flip(dims) if dims else view, context, self.device,
+                                                self.batch_size, self.speed, self.asymmetry)
+                        logits = back(logits.flip(dims) if dims else logits)
+                        p = torch.sigmoid(data.uncrop(logits, tuple(box), fill=-math.inf))
+                        total, n = (p, 1) if total is None else (total + p, n + 1)
         return (total / n).half().cpu().numpy()
 
-    def segment(self, image: np.ndarray) -> np.ndarray:
-        """Raw image (S, 240, 240, 4) → boolean whole-tumour mask (S, 240, 240); slices without brain are empty."""
+    def segment(self, image: np.ndarray, spacing: list[float] | tuple[float, ...]) -> np.ndarray:
+        """Raw image (S, 240, 240, 4), spacing (x_mm, y_mm, z_mm) → boolean whole-tumour mask (S, 240, 240); slices
+        without brain are empty."""
         keep, images, box = data.preprocess_volume(image, self.size, self.crop)
         mask = np.zeros(image.shape[:3], bool)
         if len(keep):
-            mask[keep] = postprocess(self.probs(images, box).astype(np.float32), **self.post)
+            mask[keep] = postprocess(self.probs(images, box, spacing).astype(np.float32), **self.post)
         return mask
 
 

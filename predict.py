@@ -89,7 +89,7 @@ def predict_case(predictor: inference.Predictor, case_dir: Path, out: Path) -> l
     if not case_dir.is_dir():
         raise data.DataError(f"{case_dir}: not a folder")
     image, label, affine, spacing = data.read_nifti_case(case_dir, need_label=False)
-    pred = predictor.segment(image)  # (z, x, y)
+    pred = predictor.segment(image, spacing)  # (z, x, y)
     voxel_ml = float(np.prod(spacing[:3])) / 1000.0
     nii, png = out / f"{name}.nii.gz", out / f"{name}.png"
     write_nifti(pred.transpose(1, 2, 0), case_dir, affine, nii)

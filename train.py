@@ -39,7 +39,7 @@ from fused_dice import dice_bce_loss
 from unet import UNet, UNetConfig, count_parameters
 
 ON_OFF, AUTO_ON_OFF = ("on", "off"), ("auto", "on", "off")
-MODALITIES, CACHE_DIR = data.CHANNELS, data.default_cache_dir()  # for help texts (a field below is named `data`)
+MODALITIES, PLANES, CACHE_DIR = data.CHANNELS, data.PLANES, data.default_cache_dir()  # a field below is named `data`
 
 
 def option(default, help: str, choices: tuple | None = None, type=None):
@@ -60,6 +60,10 @@ class TrainConfig:
     asymmetry: str = option("off", "also read each input channel's difference from its left-right mirror image (the "
                                    "other hemisphere), where a lesion faint against its own brain may still stand out",
                             ON_OFF)
+    planes: int = option(1, "1: train and predict on the slices across z (axial) only; 3: also across H and W "
+                            "(sagittal and coronal, z resampled to square pixels): each patient gives about three "
+                            "times the slices (an epoch is that much longer), and prediction averages the three",
+                         PLANES)
     size: int = option(240, "slices are resized to SIZE x SIZE pixels for training")
     crop: str = option("on", "crop each volume to its brain's box before resizing, so the SIZE pixels span the brain",
                        ON_OFF)
@@ -347,7 +351,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         resident=cfg.resident == "on", workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world,
         augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity,
         lesion_fade=cfg.lesion_fade, oversample=cfg.oversample, modality_dropout=cfg.modality_dropout,
-        asymmetry=cfg.asymmetry == "on")
+        asymmetry=cfg.asymmetry == "on", planes=cfg.planes)
     val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
@@ -361,7 +365,10 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
               f"without brain dropped); split by patient {len(split['train'])}/{len(split['val'])}/{len(split['test'])} "
               f"volumes ({counts['train']}/{counts['val']}/{counts['test']} slices); channels "
               f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context} (step {cfg.context_step}), crop {cfg.crop}, "
-              f"asymmetry {cfg.asymmetry}")
+              f"asymmetry {cfg.asymmetry}, planes {cfg.planes}")
+        if cfg.planes == 3:
+            print(f"planes 3: {batches.n} training slices across z, H and W; the validation curve is of the slices "
+                  f"across z, the test of the three averaged")
         if cfg.train_on == "train+val":
             print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
                   f"of patients trained on")
@@ -624,7 +631,7 @@ def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> di
     it is chosen on validation after training)."""
     return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
             "channels": channel_list(cfg.channel), "context": cfg.context, "context_step": cfg.context_step,
-            "asymmetry": cfg.asymmetry == "on",
+            "asymmetry": cfg.asymmetry == "on", "planes": cfg.planes,
             "size": cfg.size, "crop": cfg.crop == "on",
             "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
 
@@ -745,7 +752,8 @@ def fit_budget(cfg: TrainConfig, run: Run, epoch_s: float, steps_per_epoch: int,
 
 def volume_probs(predictor: inference.Predictor, cache: data.Cache, volume_ids: list[str]) -> dict[str, np.ndarray]:
     """Per volume: the tumour probabilities (S, 240, 240) of its kept slices, from the cached inputs."""
-    return {vid: predictor.probs(cache.images(vid, mmap=True), cache.volume(vid)["box"]) for vid in volume_ids}
+    return {vid: predictor.probs(cache.images(vid, mmap=True), cache.volume(vid)["box"], cache.volume(vid)["spacing"])
+            for vid in volume_ids}
 
 
 def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tuple[dict, list[dict], dict]:

@@ -188,12 +188,12 @@ def test_the_context_step_travels_from_training_to_prediction(tmp_path, monkeypa
 
     monkeypatch.setattr(inference, "predict_logits", spy_logits)
     images = np.zeros((5, 4, 32, 32), np.float16)
-    inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu")).probs(images, (0, 0, 32))
+    inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu")).probs(images, (0, 0, 32), (1, 1, 1))
     assert seen[-1] == [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]]
     del raw["context_step"]
     old = tmp_path / "old.pt"
     torch.save(raw, old)
-    inference.Predictor.from_checkpoints([old], torch.device("cpu")).probs(images, (0, 0, 32))
+    inference.Predictor.from_checkpoints([old], torch.device("cpu")).probs(images, (0, 0, 32), (1, 1, 1))
     assert seen[-1] == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
     with pytest.raises(data.UserError, match="context step"):
         inference.Predictor.from_checkpoints([run / "best.pt", old], torch.device("cpu"))
@@ -263,7 +263,7 @@ def test_modality_views_and_flips_average_against_a_float64_reference(tta, n_mod
     models = [LinearWithRamp(w, size) for w in weights]
     predictor = inference.Predictor(models, [0, 1, 2, 3], 1, 1, size, False, torch.device("cpu"),
                                      inference.Speed(None, False, False), batch_size=3, tta=tta, modality_tta=True)
-    got = predictor.probs(images.numpy(), (0, 0, size))
+    got = predictor.probs(images.numpy(), (0, 0, size), (1, 1, 1))
     assert got.shape == (s, data.RAW_SIZE, data.RAW_SIZE)
 
     x = images.double().numpy()
@@ -314,7 +314,7 @@ def test_asymmetry_travels_from_training_to_prediction(tmp_path):
     fp32 = inference.Speed(None, False, False)
     predictor = inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu"), speed=fp32)
     images = np.random.default_rng(0).normal(size=(5, 4, 32, 32)).astype(np.float16)
-    probs = predictor.probs(images, (0, 0, 32))
+    probs = predictor.probs(images, (0, 0, 32), (1, 1, 1))
     x = torch.from_numpy(images).double()
     model = predictor.models[0].double()
     with torch.no_grad():
