@@ -292,3 +292,46 @@ def test_batches_without_augmentation_carry_the_asymmetry_too(tagged):
     batches = data.TrainBatches(tagged, ["v0"], [0, 1], "cpu", 2, augment=False, asymmetry=True)
     x, _ = next(iter(batches.epoch(1)))
     assert x.shape[1] == 4 and torch.equal(x[:, 2:], x[:, :2] - x[:, :2].flip(-2))
+
+
+def test_three_planes_add_each_volumes_slices_across_h_and_w(tmp_path):
+    """planes=3: each volume's slices across z, then its SIZE slices across H and its SIZE across W (z in rows
+    top..top + n, the rest 0; the box is the frame and the voxels cubes, so z is not resampled), images and masks
+    (random, unrelated to each other) together, each stack with its own context, all of a volume's slices its own."""
+    rng = np.random.default_rng(5)
+    volumes = []
+    for v, n in enumerate(COUNTS[:2]):
+        np.save(tmp_path / f"images_v{v}.npy", rng.normal(size=(n, 4, SIZE, SIZE)).astype(np.float16))
+        np.save(tmp_path / f"masks_v{v}.npy", (rng.random((n, SIZE, SIZE)) < 0.3).astype(np.uint8))
+        volumes.append({"id": f"v{v}", "slices": list(range(n)), "depth": n, "box": [0, 0, SIZE], "spacing": [1, 1, 1]})
+    cache = data.Cache(tmp_path, {"size": SIZE, "volumes": volumes})
+    s = data.load_slices(cache, ["v0", "v1"], [0, 1, 2, 3], context=1, planes=3)
+    assert len(s) == COUNTS[0] + COUNTS[1] + 4 * SIZE
+    start = 0
+    for v, n in enumerate(COUNTS[:2]):
+        images = cache.images(f"v{v}").astype(np.float32)
+        masks = cache.masks(f"v{v}")
+        top = (SIZE - n) // 2
+        padded_images = np.zeros((SIZE, 4, SIZE, SIZE), np.float32)
+        padded_images[top:top + n] = images
+        padded_masks = np.zeros((SIZE, SIZE, SIZE), np.uint8)
+        padded_masks[top:top + n] = masks
+        expected = [(images, masks),  # [z, k, h, w]
+                    (padded_images.transpose(2, 1, 0, 3), padded_masks.transpose(1, 0, 2)),  # [h, k, z, w]
+                    (padded_images.transpose(3, 1, 0, 2), padded_masks.transpose(2, 0, 1))]  # [w, k, z, h]
+        for want_images, want_masks in expected:
+            end = start + len(want_images)
+            np.testing.assert_array_equal(s.images[start:end].float().numpy(), want_images)
+            np.testing.assert_array_equal(s.masks[start:end].numpy(), want_masks)
+            assert (s.volume[start:end] == v).all()
+            assert s.context[start].tolist() == [start, start, start + 1]  # the stack's first slice repeats
+            assert s.context[end - 1].tolist() == [end - 2, end - 1, end - 1]
+            start = end
+
+
+@pytest.mark.parametrize("kwargs,flag", [({"resident": False, "workers": 0}, "--resident off"),
+                                         ({"oversample": 2.0}, "--oversample"), ({"asymmetry": True}, "--asymmetry on"),
+                                         ({"planes": 2}, "--planes must be one of")])
+def test_three_planes_refuse_what_is_defined_across_z_only(tagged, kwargs, flag):
+    with pytest.raises(data.UserError, match=flag):
+        data.TrainBatches(tagged, ["v0"], [0], "cpu", 2, **{"planes": 3, **kwargs})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -322,4 +323,50 @@ def test_asymmetry_travels_from_training_to_prediction(tmp_path):
     np.testing.assert_allclose(probs[:, :32, :32], expected, atol=1e-3)  # float16 probabilities
     assert (probs[:, 32:] == 0).all() and (probs[:, :, 32:] == 0).all()
     with pytest.raises(data.UserError, match="asymmetry"):
+        inference.Predictor.from_checkpoints([run / "best.pt", plain / "best.pt"], torch.device("cpu"))
+
+
+def test_three_planes_average_the_views_against_a_float64_reference():
+    """planes=3: the probabilities average the model's sigmoid on the slices across z, H and W, each mapped back to
+    its voxel. The model's ramp runs along its input's width, which is W in the slices across z and H but H in the
+    slices across W, so a view mapped back along the wrong axis changes the average. Six 1 mm slices in a box of
+    8 px resized to 8: z is not resampled, and the reference is written voxel by voxel."""
+    s, size = 6, 8
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(s, 4, size, size, generator=gen).half()
+    weights = torch.randn(4, generator=gen).tolist()
+    predictor = inference.Predictor([LinearWithRamp(weights, size)], [0, 1, 2, 3], 0, 1, size, False,
+                                    torch.device("cpu"), inference.Speed(None, False, False), batch_size=5, planes=3)
+    got = predictor.probs(images.numpy(), (0, 0, size), (1, 1, 1))
+    x, w = images.double().numpy(), np.array(weights)
+    ramp = np.linspace(-2, 2, size)
+    expected = np.zeros((s, size, size))
+    for z in range(s):
+        for h in range(size):
+            for col in range(size):
+                logit = float(w @ x[z, :, h, col])
+                sigmoid = [1 / (1 + np.exp(-(logit + r))) for r in (ramp[col], ramp[col], ramp[h])]  # z, H, W
+                expected[z, h, col] = sum(sigmoid) / 3
+    np.testing.assert_allclose(got[:, :size, :size].astype(np.float64), expected, atol=2e-3)
+    assert not got[:, size:, :].any() and not got[:, :, size:].any()
+
+
+def test_three_planes_travel_from_training_to_prediction(tmp_path, capsys):
+    """--planes 3 trains on each training patient's slices across z, H and W (32 across H and 32 across W at
+    --size 32, besides those across z), stores it in best.pt, and the Predictor loaded from it runs on the three;
+    an ensemble with a one-plane model is refused."""
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    for out, extra in ((run, ["--planes", "3"]), (plain, [])):
+        assert train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
+                          "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+                          "--out", str(out), *extra]) == 0
+        if extra:
+            printed = capsys.readouterr().out
+            across_z = int(re.search(r"volumes \((\d+)/\d+/\d+ slices\)", printed).group(1))
+            patients = len(json.loads((run / "split.json").read_text())["train"])
+            assert f"planes 3: {across_z + 2 * 32 * patients} training slices across z, H and W" in printed
+    assert torch.load(run / "best.pt", map_location="cpu", weights_only=False)["planes"] == 3
+    assert inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu")).planes == 3
+    assert inference.Predictor.from_checkpoints([plain / "best.pt"], torch.device("cpu")).planes == 1
+    with pytest.raises(data.UserError, match="planes"):
         inference.Predictor.from_checkpoints([run / "best.pt", plain / "best.pt"], torch.device("cpu"))
