@@ -242,6 +242,16 @@ MUTANTS = [
     ("SIGINT saves one batch too few", "train.py", "progress.batch, progress.totals, progress.seconds = b + 1,",
      "progress.batch, progress.totals, progress.seconds = b,", "tests/test_resume.py"),
     ("a non-finite loss goes unnoticed", "train.py", "if 0 <= first_bad < math.inf:", "if False:", "tests/test_resume.py"),
+    # bench/cpu_speed.py
+    ("cpu_speed's compiled rows time an uncompiled evaluation", "bench/cpu_speed.py",
+     "eval_model = torch.compile(model) if speed.compile else model", "eval_model = model",
+     "tests/test_train.py -k cpu_speed"),
+    ("cpu_speed ignores --compile", "bench/cpu_speed.py",
+     'compile=compile, device="cpu")\n    speed = inference.resolve_speed(device, amp, channels_last, compile)',
+     'compile=compile, device="cpu")\n    speed = inference.resolve_speed(device, amp, channels_last, "off")',
+     "tests/test_train.py -k cpu_speed"),
+    ("cpu_speed's first calls not timed", "bench/cpu_speed.py", "calls.append(time.perf_counter() - t)",
+     "calls.append(-1.0)", "tests/test_train.py -k cpu_speed"),
 ]
 
 

@@ -595,18 +595,47 @@ def test_cpu_speed_settings_follow_native_bf16(monkeypatch, flags, amp, channels
     assert forced.amp == torch.bfloat16 and forced.channels_last
 
 
+def speed_rows(report: str) -> list[list[str]]:
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in report.splitlines()
+            if line.startswith("| off") or line.startswith("| bf16")]
+
+
 def test_cpu_speed_bench_times_the_four_settings(tmp_path):
-    """bench/cpu_speed.py at a tiny shape: one row per (--amp, --channels-last), each with a positive time, and the
-    report written whole to --out, naming the machine and the channel count the context gives."""
+    """bench/cpu_speed.py at a tiny shape, --compile off: one row per (--amp, --channels-last), each with a positive
+    time, and the report written whole to --out, naming the machine and the channel count the context gives."""
     out = tmp_path / "speed.md"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_speed.py"), "--size", "32", "--base", "4",
                            "--batch-size", "2", "--context", "2", "--rounds", "1", "--steps", "1", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--compile", "off", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = out.read_text()
     assert "machine: CPU" in report and "batch 2 x 20 x 32 x 32" in report
-    rows = [line.split("|")[1:-1] for line in report.splitlines() if line.startswith("| off") or line.startswith("| bf16")]
-    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("off", "off"), ("off", "on"), ("bf16", "off"), ("bf16", "on")]
+    rows = speed_rows(report)
+    assert [tuple(r[:3]) for r in rows] == [("off", "off", "off"), ("off", "on", "off"), ("bf16", "off", "off"),
+                                            ("bf16", "on", "off")]
     for r in rows:
-        assert float(r[2]) > 0 and float(r[5]) > 0
-    assert [r[4].strip() for r in rows][0] == "1.00x"
+        assert float(r[4]) > 0 and float(r[7]) > 0
+        assert all(float(t) >= 0 for t in r[3].split(" + "))
+    assert rows[0][6] == "1.00x" and rows[0][9] == "1.00x"
+
+
+def test_cpu_speed_bench_compile_rows_run_the_compiled_callables(tmp_path, monkeypatch):
+    """With --compile on (the default) two more rows, fp32 and bf16, whose step and forward go through torch.compile:
+    here a stand-in that counts what it wraps (a real compilation takes minutes on 2 cores)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import cpu_speed
+    wrapped = []
+
+    def fake_compile(fn):
+        wrapped.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    out = tmp_path / "speed.md"
+    assert cpu_speed.main(["--size", "32", "--base", "4", "--batch-size", "2", "--context", "0", "--rounds", "1",
+                           "--steps", "1", "--out", str(out)]) == 0
+    rows = speed_rows(out.read_text())
+    assert [tuple(r[:3]) for r in rows][4:] == [("off", "off", "on"), ("bf16", "off", "on")]
+    assert len(rows) == 6 and all(float(r[4]) > 0 and float(r[7]) > 0 for r in rows)
+    assert len(wrapped) == 4  # each compiled row: train.py's forward + loss and the evaluation model
+    assert sum(isinstance(fn, torch.nn.Module) for fn in wrapped) == 2
