@@ -73,7 +73,7 @@ def resolve_speed(device: torch.device, amp: str = "auto", channels_last: str = 
     measured 7x slower than fp32 on an AVX2-only EPYC). channels_last stays off on a CPU: it was slower on both
     kinds of CPU measured (1.6x in fp32 on the AVX2-only EPYC; 1.2x in bf16 on an AVX512-BF16 EPYC,
     bench/cpu_speed.py). torch.compile stays off on a CPU: on the AVX512-BF16 EPYC it did not speed up the bf16
-    step (in fp32 it did, 1.45x, after a minute of compilation); on an AVX2-only CPU, where fp32 runs, not yet measured.
+    step, and an fp32 training epoch only 1.08x, for a minute of compilation (an AVX2-only CPU: not measured).
     """
     why = []
     if amp == "auto":

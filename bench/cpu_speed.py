@@ -12,7 +12,8 @@ these numbers: bf16 only with native bf16 (AVX512-BF16 or AMX), channels_last ne
 forward pass (no_grad, the same autocast) as validation and predict.py run it. The settings are timed in
 interleaved rounds, so a machine that slows down or speeds up during the run touches every setting alike; the
 table gives the median over the rounds and their range, and the first call of each setting on its own (for the
-compiled rows, the compilation).
+compiled rows, the compilation). The compiled rows are an upper bound: 1.45x over eager fp32 here against 1.08x an
+epoch in train.py on the same CPU (bench/RESULTS.md, "CPU speed settings").
 """
 from __future__ import annotations
 
