@@ -219,7 +219,7 @@ class Predictor:
             depth = data.plane_depth(len(x), box[2], self.size, spacing)
             for across, stack in zip("HW", data.to_planes(x, depth)):
                 stacks.append((stack, partial(data.from_plane, across=across, depth=depth, slices=len(x))))
-        total = None
+        total, n = None, 0
         for stack, back in stacks:
             context = data.context_index([len(stack)], self.context, self.context_step)
             views = [stack]
@@ -232,9 +232,8 @@ class Predictor:
                         logits = predict_logits(model, view.flip(dims) if dims else view, context, self.device,
                                                 self.batch_size, self.speed, self.asymmetry)
                         logits = data.uncrop(back(logits.flip(dims) if dims else logits), tuple(box), fill=-math.inf)
-                        total = torch.sigmoid(logits) if total is None else total + torch.sigmoid(logits)
-        n_views = 1 + len(self.channels) * self.modality_tta
-        n = len(self.models) * (len(FLIPS) if self.tta else 1) * n_views * len(stacks)
+                        p = torch.sigmoid(logits)
+                        total, n = (p, 1) if total is None else (total + p, n + 1)
         return (total / n).half().cpu().numpy()
 
     def segment(self, image: np.ndarray, spacing: list[float] | tuple[float, ...]) -> np.ndarray:
