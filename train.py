@@ -74,6 +74,9 @@ class TrainConfig:
                                     "once the epochs and the post-processing are fixed (needs --select last, "
                                     "--patience 0 and a fixed --postprocess: nothing is left to choose on)",
                            ("train", "train+val"))
+    train_patients: int = option(0, "train on this many of those patients, drawn by the training seed (--train-seed, "
+                                    "else --seed), the rest left out: a learning curve, how Dice grows with the "
+                                    "patients trained on; 0: all of them")
     cache_dir: str | None = option(None, f"preprocessed arrays are cached here; None: $BRATS_CACHE, else "
                                          f"~/.cache/brats-unet (here {CACHE_DIR})", type=str)
     # model
@@ -195,7 +198,7 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     for name in ("patience", "context", "workers", "folds", "warmup", "ema", "weight_decay", "time_budget", "seed",
-                 "train_seed"):
+                 "train_seed", "train_patients"):
         value = getattr(cfg, name)
         if value is not None and value < 0:  # None: --train-seed not given
             raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
@@ -339,7 +342,14 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     split = data.split_volumes(cache.volume_ids, cfg.seed, cfg.folds, cfg.fold)
     channels = channel_list(cfg.channel)
     trained_on = split["train"] + (split["val"] if cfg.train_on == "train+val" else [])
-    counts = {k: sum(len(cache.volume(v)["slices"]) for v in ids) for k, ids in split.items()}
+    if cfg.train_patients:
+        if cfg.train_patients > len(trained_on):
+            raise data.UserError(f"--train-patients {cfg.train_patients}: the split has only {len(trained_on)} "
+                                 f"patients to train on (--train-on {cfg.train_on})")
+        drawn = np.random.default_rng(training_seed(cfg)).permutation(len(trained_on))[:cfg.train_patients]
+        trained_on = sorted(trained_on[i] for i in drawn)
+        split = {**split, "trained_on": trained_on}
+    counts = {k: sum(len(cache.volume(v)["slices"]) for v in split[k]) for k in ("train", "val", "test")}
     if counts["train"] == 0 or counts["val"] == 0:
         raise data.DataError("no slices with brain in the training or validation volumes")
     n_train = sum(len(cache.volume(v)["slices"]) for v in trained_on)
@@ -369,6 +379,8 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         if cfg.planes == 3:
             print(f"planes 3: {batches.n} training slices across z, H and W; the validation curve is of the slices "
                   f"across z, the test of the three averaged")
+        if cfg.train_patients:
+            print(f"training on {len(trained_on)} of the patients: {', '.join(trained_on)} ({n_train} slices)")
         if cfg.train_on == "train+val":
             print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
                   f"of patients trained on")

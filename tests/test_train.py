@@ -137,6 +137,29 @@ def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocess
     assert (ckpt["threshold"], ckpt["min_component"], ckpt["largest_3d"]) == (0.35, 7, False)
 
 
+def test_train_patients_trains_on_a_subset_drawn_by_the_training_seed(tmp_path, monkeypatch, capsys):
+    """--train-patients 2: the batches hold 2 of the 5 training patients, the ones split.json names as trained on;
+    the same training seed draws the same 2, other training seeds other pairs; the split itself does not move."""
+    loaded = record_trained_volumes(monkeypatch)
+    drawn = {}
+    for seed in range(4):
+        out = tmp_path / f"seed{seed}"
+        assert train.cli(["--data", "synthetic:7x4", *TINY, "--epochs", "1", "--train-patients", "2",
+                          "--train-seed", str(seed), "--select", "last", "--postprocess", "0.5,0,off",
+                          "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+        split = json.loads((out / "split.json").read_text())
+        assert len(split["train"]) == 5 and len(loaded["train"]) == 2 and set(loaded["train"]) < set(split["train"])
+        assert split["trained_on"] == sorted(loaded["train"])
+        assert f"training on 2 of the patients: {', '.join(sorted(loaded['train']))}" in capsys.readouterr().out
+        drawn[seed] = tuple(sorted(loaded["train"]))
+    again = tmp_path / "again"
+    assert train.cli(["--data", "synthetic:7x4", *TINY, "--epochs", "1", "--train-patients", "2", "--train-seed", "2",
+                      "--select", "last", "--postprocess", "0.5,0,off", "--out", str(again),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    assert tuple(sorted(loaded["train"])) == drawn[2]
+    assert len(set(drawn.values())) > 1
+
+
 def test_train_seed_changes_the_training_randomness_and_not_the_split(tmp_path, monkeypatch):
     """--train-seed seeds the initial weights and the batches (order, augmentation) and leaves the split to --seed;
     without it, --seed seeds all of them, as before the flag."""
@@ -533,6 +556,8 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--oversample", "0"], "--oversample must be positive"),
     (["--oversample", "inf"], "--oversample must be positive and finite"),
     (["--lesion-fade", "1.5"], "--lesion-fade must be in 0..1 (0: off), got 1.5"),
+    (["--train-patients", "-1"], "--train-patients must not be negative, got -1"),
+    (["--train-patients", "2"], "--train-patients 2: the split has only 1 patients to train on (--train-on train)"),
     (["--modality-dropout", "-0.1"], "--modality-dropout must be in 0..1 (0: off), got -0.1"),
     (["--modality-dropout", "0.5", "--channel", "3"], "--modality-dropout needs more than one modality"),
     (["--depth", "2", "--deep-supervision", "2"], "--deep-supervision must be in 0..1 with --depth 2"),
