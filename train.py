@@ -350,9 +350,9 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         trained_on = sorted(trained_on[i] for i in drawn)
         split = {**split, "trained_on": trained_on}
     counts = {k: sum(len(cache.volume(v)["slices"]) for v in split[k]) for k in ("train", "val", "test")}
-    if counts["train"] == 0 or counts["val"] == 0:
-        raise data.DataError("no slices with brain in the training or validation volumes")
     n_train = sum(len(cache.volume(v)["slices"]) for v in trained_on)
+    if n_train == 0 or counts["val"] == 0:
+        raise data.DataError("no slices with brain in the training or validation volumes")
     if cfg.asymmetry == "on":
         check_left_right(cache, trained_on)
     batch_size = min(cfg.batch_size, n_train // run.world)
