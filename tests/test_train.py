@@ -141,7 +141,7 @@ def test_train_patients_trains_on_a_subset_drawn_by_the_training_seed(tmp_path, 
     """--train-patients 2: the batches hold 2 of the 5 training patients, the ones split.json names as trained on;
     the same training seed draws the same 2, other training seeds other pairs; the split itself does not move."""
     loaded = record_trained_volumes(monkeypatch)
-    drawn = {}
+    drawn, splits = {}, set()
     for seed in range(4):
         out = tmp_path / f"seed{seed}"
         assert train.cli(["--data", "synthetic:7x4", *TINY, "--epochs", "1", "--train-patients", "2",
@@ -152,6 +152,8 @@ def test_train_patients_trains_on_a_subset_drawn_by_the_training_seed(tmp_path, 
         assert split["trained_on"] == sorted(loaded["train"])
         assert f"training on 2 of the patients: {', '.join(sorted(loaded['train']))}" in capsys.readouterr().out
         drawn[seed] = tuple(sorted(loaded["train"]))
+        splits.add(json.dumps({k: split[k] for k in ("train", "val", "test")}))
+    assert len(splits) == 1
     again = tmp_path / "again"
     assert train.cli(["--data", "synthetic:7x4", *TINY, "--epochs", "1", "--train-patients", "2", "--train-seed", "2",
                       "--select", "last", "--postprocess", "0.5,0,off", "--out", str(again),
