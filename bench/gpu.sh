@@ -1,33 +1,47 @@
 #!/usr/bin/env bash
 # bench/gpu.sh - the one prepared script for a short GPU lease (one H100/H200, 15 min of device time in all,
-# machine start included). It caps itself at GPU_SH_BUDGET seconds (default 420 = 7 min) and always writes
+# machine start included). It caps itself at GPU_SH_BUDGET seconds (default 300 = 5 min, so a 15-minute lease
+# with its 2-3 min start leaves time to rerun the failed steps while the machine is still up) and always writes
 # the summary. Nothing needs to be carried: the device machine has torch, triton, numpy, scipy, tqdm, h5py, opencv,
 # matplotlib and pytest, and no step imports nibabel (only NIfTI reading does).
 #
-#   run(command="GIT_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu.sh", timeout_s=480)
+# Commit first, then run it with the commit spelled out here (the copy on the device machine has no .git, so
+# `$(git rev-parse ...)` inside the command would expand there, to nothing):
+#   run(command="GIT_COMMIT=<`git rev-parse --short HEAD` here> bash bench/gpu.sh", timeout_s=360)
+# At the end it prints the command that reruns the failed steps; run it at once, or give the machine back.
 #
-# Steps, in order of value (each bounded by its own timeout; a failed or timed-out step is recorded and the script
-# goes on; the exit code is 1 if any step failed):
-#   a. environment: nvidia-smi, python/torch/triton versions, commit                          ~5 s   (timeout 30)
-#   b. pytest tests/test_fused_dice.py with TRITON_INTERPRET=0: the kernels compiled for the card, the CUDA-only
-#      tests at (64, 1, 240, 240) included; any skip of a CUDA test means the CUDA path was not exercised ~60 s (90)
-#   c. bench/train.py: the throughput ablation at 240 x 240, batch 64, base 32 (seed baseline → cache → resident →
-#      channels_last → bf16 → compile → fused loss), MFU and GPU busy                          ~180 s (220)
-#   d. bench/loss.py: the fused loss against eager and compiled PyTorch, B up to 1024           ~60 s (100)
-#   e. train.py end to end on synthetic data: resident, bf16, torch.compile, the Triton loss    ~60 s (100)
-#   f. bench/loss.py --weight float32 at B 64, 256: the weighted kernels (train.py --boundary-weight) ~30 s (60)
+# Steps, in order of value (each bounded by its own cap, the caps adding up to the budget; a failed or timed-out
+# step is recorded and the script goes on; the exit code is 1 if any step failed or was skipped for the budget):
+#   a. environment: nvidia-smi, python/torch/triton versions, commit; a CUDA probe (60 s timeout)   ~10 s
+#   b. bench/train.py: the throughput ablation at 240 x 240, batch 64, base 32 (seed baseline → cache → resident →
+#      channels_last → bf16 → compile → fused loss), MFU, GPU busy and the top kernels        ~100 s (cap 130)
+#   c. bench/loss.py: the fused loss against eager and compiled PyTorch, B up to 1024; it exits 1 if the
+#      kernels disagree with the reference                                                   ~30 s  (cap 35)
+#   d. train.py end to end at the shape of step b's last row (resident, bf16, torch.compile, the Triton loss),
+#      so the training step's compiled graph comes from the compile cache step b filled; only the evaluation
+#      forward compiles anew                                                                 ~40 s  (cap 50)
+#   e. bench/cache.py: the cold start's other half, the cache build of Kaggle-layout .h5 volumes with 8 and
+#      16 worker processes (slices/s)                                                        ~25 s  (cap 30)
+#   f. pytest tests/test_fused_dice.py with TRITON_INTERPRET=0: the kernels compiled for the card, the CUDA-only
+#      tests at (64, 1, 240, 240) included (in parallel with pytest-xdist where installed). Expected skips on
+#      one GPU: the two-device test and the CPU-interpreter benchmark test; any other skip fails the step
+#                                                                                            ~35 s  (cap 45)
 #
-# Outputs, all directly under ${OUT:-bench/out}: summary.txt (environment + step table), pytest.log, train.md,
-# train.log, loss.md, e2e.log, e2e_metrics.json, loss_weighted.md.
+# Outputs, all directly under ${OUT:-bench/out} (the files of earlier runs are deleted first, so every file there
+# is this run's): summary.txt (environment + step table + rerun command), train.md, train.log, loss.md, e2e.log,
+# e2e_metrics.json (only when step d passed), cache.md, pytest.log.
 #
 # Knobs (environment): OUT; PYTHON (default python3); GIT_COMMIT (else git rev-parse, else "unknown");
-# GPU_SH_BUDGET (seconds, default 420); GPU_SH_STEPS (which of b c d e f, default all); GPU_SH_WORK (scratch for
+# GPU_SH_BUDGET (seconds, default 300); GPU_SH_STEPS (which of b c d e f, default all); GPU_SH_WORK (scratch for
 # data caches, default /tmp/gpu-sh); GPU_SH_DEVICE (default cuda; cpu: the dry run below).
 #
-# Dry run on a CPU, which runs every step for real at tiny sizes (Triton in the interpreter) and proves the script's
-# own logic - timeouts, the budget, the summary, the exit code (~3 min on 2 cores):
-#   GPU_SH_DEVICE=cpu OUT=/tmp/gpu-dry PYTHON=.venv/bin/python bash bench/gpu.sh
-# After the run on the device: give the machine back unless rerunning a failed step at once (GPU_SH_STEPS="c").
+# Dry run on a CPU under the device machine's versions, which runs every step for real at tiny sizes (Triton in
+# the interpreter) and proves the script's own logic - caps, the budget, the summary, the exit code. Triton 3.6's
+# interpreter fails with numpy >= 2.4 (int() of a 1-element array), so pin numpy there (the device machine's numpy
+# 2.5 is fine: it does not use the interpreter):
+#   python3 -m venv /tmp/venv211 && /tmp/venv211/bin/pip install torch==2.11.0 triton==3.6.0 'numpy<2.4' \
+#       opencv-python-headless matplotlib scipy h5py tqdm pytest
+#   GPU_SH_DEVICE=cpu OUT=/tmp/gpu-dry PYTHON=/tmp/venv211/bin/python bash bench/gpu.sh
 
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -35,45 +49,59 @@ export PYTHONUNBUFFERED=1
 if [ -n "${OUT:-}" ] && [ "${OUT#/}" = "$OUT" ]; then OUT=$PWD/$OUT; fi  # a relative OUT: from the caller's folder
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1  # the repository root
 OUT=${OUT:-bench/out}
-BUDGET=${GPU_SH_BUDGET:-420}
+BUDGET=${GPU_SH_BUDGET:-300}
 WORK=${GPU_SH_WORK:-/tmp/gpu-sh}
 DEVICE=${GPU_SH_DEVICE:-cuda}
-STEPS=" ${GPU_SH_STEPS:-b c d e f} "
+ALL_STEPS="b c d e f"
+STEPS=" ${GPU_SH_STEPS-$ALL_STEPS} "
 PY=${PYTHON:-python3}
 SUMMARY=$OUT/summary.txt
+OUTPUTS=(summary.txt train.md train.log loss.md e2e.log e2e_metrics.json cache.md pytest.log)
 START=$SECONDS
 mkdir -p "$OUT" "$WORK" || exit 1
+for f in "${OUTPUTS[@]}"; do rm -f "${OUT:?}/$f"; done
 : >"$SUMMARY"
+
+# The commit the numbers belong to: given, else this checkout's; exported so every benchmark's header names it
+GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+if [ -n "$GIT_COMMIT" ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    GIT_COMMIT="$GIT_COMMIT-dirty"
+fi
+export GIT_COMMIT=${GIT_COMMIT:-unknown}
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: the same steps at tiny sizes
     PYTEST_ENV="TRITON_INTERPRET=1"
     TRAIN_BENCH=(bench/train.py --device cpu --quick --rows seed,cache,resident,channels_last --workers 1)
-    LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --repeats 3)
-    WEIGHTED_LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --repeats 3 --no-compile --weight float32)
+    LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --repeats 1)
     E2E=(train.py --data synthetic:4x10 --size 32 --base 4 --depth 2 --batch-size 8 --epochs 2 --device cpu)
+    CACHE_BENCH=(bench/cache.py --volumes 2 --slices 20 --workers 1 2 --size 64 --no-floor)
+    PYTEST_PARALLEL=()
 else
     PYTEST_ENV="TRITON_INTERPRET=0"
     TRAIN_BENCH=(bench/train.py --device cuda --data synthetic:6x80 --workers 8)
     LOSS_BENCH=(bench/loss.py --device cuda)
-    WEIGHTED_LOSS_BENCH=(bench/loss.py --device cuda --batches 64,256 --weight float32)
-    E2E=(train.py --data synthetic:6x40 --size 128 --epochs 2 --device cuda)
+    # step b's fused row: synthetic:6x80, 240 x 240 uncropped, batch 64, base 32, depth 4, every speed flag on auto
+    E2E=(train.py --data synthetic:6x80 --size 240 --crop off --batch-size 64 --epochs 2 --device cuda)
+    CACHE_BENCH=(bench/cache.py --volumes 16 --workers 8 16 --size 240 --no-floor)
+    PYTEST_PARALLEL=()
+    "$PY" -c 'import xdist' 2>/dev/null && PYTEST_PARALLEL=(-n 8)
 fi
 
-NAMES=() RCS=() SECS=() NOTES=()
+NAMES=() RCS=() SECS=() NOTES=() RERUN=()
 FAILED=0
 
-step() {  # step NAME TIMEOUT_S LOGFILE COMMAND...: run with a timeout, log, record; never aborts the script
+step() {  # step NAME CAP_S LOGFILE COMMAND...: run with a timeout, log, record; never aborts the script
     local name=$1 limit=$2 log=$3 t0 rc note left
     shift 3
     if [[ $STEPS != *" ${name%%.*} "* ]]; then
         NAMES+=("$name") RCS+=(skip) SECS+=(0) NOTES+=("not in GPU_SH_STEPS")
-        return
+        return 1
     fi
-    left=$((BUDGET - (SECONDS - START) - 10))
+    left=$((BUDGET - (SECONDS - START) - 5))
     if ((left < 10)); then
         NAMES+=("$name") RCS+=(skip) SECS+=(0) NOTES+=("skipped: the ${BUDGET} s budget is spent")
-        FAILED=1
-        return
+        FAILED=1 RERUN+=("${name%%.*}")
+        return 1
     fi
     ((limit > left)) && limit=$left
     echo "== [$name] (timeout ${limit}s) $*" | tee -a "$SUMMARY"
@@ -82,15 +110,20 @@ step() {  # step NAME TIMEOUT_S LOGFILE COMMAND...: run with a timeout, log, rec
     rc=$?
     note=$(grep -v '^[[:space:]]*$' "$log" 2>/dev/null | tail -n 1 | tr -d '\r' | cut -c1-100)
     ((rc == 124 || rc == 137)) && note="TIMED OUT after ${limit}s; $note"
-    ((rc != 0)) && FAILED=1
+    if ((rc != 0)); then FAILED=1 RERUN+=("${name%%.*}"); fi
     NAMES+=("$name") RCS+=("$rc") SECS+=($((SECONDS - t0))) NOTES+=("$note")
     echo "   rc=$rc in $((SECONDS - t0))s: $note" | tee -a "$SUMMARY"
+    return "$rc"
 }
 
 # a. environment ---------------------------------------------------------------------------------------------
 {
     echo "# bench/gpu.sh $(date -u '+%Y-%m-%d %H:%M:%S UTC'), device $DEVICE, budget ${BUDGET}s"
-    echo "commit: ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+    if [ "$GIT_COMMIT" = unknown ]; then
+        echo "commit: unknown (no git checkout here and no GIT_COMMIT: the numbers below name no commit)"
+    else
+        echo "commit: $GIT_COMMIT"
+    fi
     command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     timeout 60 "$PY" - <<'EOF'
 import platform, sys
@@ -101,7 +134,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"device 0: {p.name}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, sm_{p.major}{p.minor}, "
           f"bf16 {torch.cuda.is_bf16_supported()}, {torch.cuda.device_count()} device(s)")
-for mod in ("triton", "numpy", "scipy", "cv2", "h5py", "matplotlib", "tqdm", "pytest"):
+for mod in ("triton", "numpy", "scipy", "cv2", "h5py", "matplotlib", "tqdm", "pytest", "xdist"):
     try:
         print(f"{mod} {__import__(mod).__version__}", end="; ")
     except Exception as e:
@@ -110,29 +143,52 @@ print()
 EOF
     echo "cpus: $(nproc); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 } 2>&1 | tee -a "$SUMMARY"
-if [ "$DEVICE" = cuda ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "no CUDA device: nothing to measure (for a CPU dry run set GPU_SH_DEVICE=cpu)" | tee -a "$SUMMARY"
-    FAILED=1
-    STEPS=" "
+if [ "$DEVICE" = cuda ]; then  # a hung driver must not eat the lease: the probe has its own timeout
+    timeout -k 5 60 "$PY" -c 'import torch, sys; torch.zeros(1, device="cuda").add_(1); torch.cuda.synchronize()' \
+        >>"$SUMMARY" 2>&1
+    probe=$?
+    if ((probe != 0)); then
+        echo "CUDA probe failed (rc $probe$( ((probe == 124)) && echo ', timed out after 60 s')): nothing to measure" \
+            "(for a CPU dry run set GPU_SH_DEVICE=cpu)" | tee -a "$SUMMARY"
+        FAILED=1
+        STEPS=" "
+    fi
 fi
 echo | tee -a "$SUMMARY"
 
 # b-f ----------------------------------------------------------------------------------------------------------
-step b.pytest 90 "$OUT/pytest.log" env "$PYTEST_ENV" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_fused_dice.py
-step c.train_bench 220 "$OUT/train.log" "$PY" "${TRAIN_BENCH[@]}" --cache-dir "$WORK/cache" --out "$OUT/train.md"
-step d.loss_bench 100 "$OUT/loss.md" "$PY" "${LOSS_BENCH[@]}"
-step e.e2e 100 "$OUT/e2e.log" "$PY" "${E2E[@]}" --out "$WORK/e2e" --cache-dir "$WORK/cache" --overwrite on
-[ -f "$WORK/e2e/metrics.json" ] && cp "$WORK/e2e/metrics.json" "$OUT/e2e_metrics.json"
-step f.weighted 60 "$OUT/loss_weighted.md" "$PY" "${WEIGHTED_LOSS_BENCH[@]}"
+step b.throughput 130 "$OUT/train.log" "$PY" "${TRAIN_BENCH[@]}" --cache-dir "$WORK/cache" --out "$OUT/train.md"
+step c.loss 35 "$OUT/loss.md" "$PY" "${LOSS_BENCH[@]}"
+rm -rf "$WORK/e2e"  # so a metrics.json found after step d is this run's
+step d.e2e 50 "$OUT/e2e.log" "$PY" "${E2E[@]}" --out "$WORK/e2e" --cache-dir "$WORK/cache" --overwrite on &&
+    cp "$WORK/e2e/metrics.json" "$OUT/e2e_metrics.json"
+step e.cache_build 30 "$OUT/cache.md" "$PY" "${CACHE_BENCH[@]}" --workdir "$WORK/cache_bench"
+rm -rf "$WORK/cache_bench"
+step f.kernel_tests 45 "$OUT/pytest.log" env "$PYTEST_ENV" "$PY" -m pytest -q -rs -p no:cacheprovider \
+    "${PYTEST_PARALLEL[@]}" tests/test_fused_dice.py
+if [ -f "$OUT/pytest.log" ]; then  # a CUDA test skipped for another reason means that path was not exercised
+    unexpected=$(grep '^SKIPPED' "$OUT/pytest.log" | grep -v -e 'needs two CUDA devices' -e 'runs bench/loss.py itself')
+    if [ "$DEVICE" = cuda ] && [ -n "$unexpected" ]; then
+        FAILED=1 RERUN+=(f)
+        NOTES[${#NOTES[@]} - 1]="UNEXPECTED SKIPS: $(echo "$unexpected" | head -n 1 | cut -c1-80)"
+        RCS[${#RCS[@]} - 1]=skips
+    fi
+fi
 
 # summary (always) ---------------------------------------------------------------------------------------------
 {
     echo
     echo "## summary: $((SECONDS - START)) s of the ${BUDGET} s budget; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
-    printf '| %-14s | %4s | %5s | %s\n' step rc s "last line of its log"
+    printf '| %-14s | %5s | %5s | %s\n' step rc s "last line of its log"
     for i in "${!NAMES[@]}"; do
-        printf '| %-14s | %4s | %5s | %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"
+        printf '| %-14s | %5s | %5s | %s\n' "${NAMES[$i]}" "${RCS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"
     done
-    echo "result: $([ $FAILED = 0 ] && echo 'every step passed' || echo 'SOME STEP FAILED (see the table)')"
+    if [ $FAILED = 0 ]; then
+        echo "result: every step passed"
+    else
+        echo "result: SOME STEP FAILED (see the table)"
+        [ ${#RERUN[@]} -gt 0 ] && echo "rerun the failed steps: GPU_SH_STEPS=\"$(printf '%s\n' "${RERUN[@]}" | sort -u |
+            tr '\n' ' ' | sed 's/ $//')\" GIT_COMMIT=$GIT_COMMIT bash bench/gpu.sh"
+    fi
 } | tee -a "$SUMMARY"
 exit $FAILED

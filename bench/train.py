@@ -47,6 +47,7 @@ import train  # noqa: E402
 from common import git_commit, machine, sync, utc_now  # noqa: E402
 
 KAGGLE_SLICES = 57_195  # slices of the Kaggle BraTS 2020 training set (369 volumes x 155)
+PROFILE_TOP = 8  # kernels listed per profiled row
 SAMPLE_BRAIN_FRACTION = 1937 / 2170  # slices with brain in the 14-case BraTS sample (measured by data.prepare)
 
 # (key, label, TrainConfig fields changed from the row above). Cumulative: row k has the changes of rows 0..k.
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the two DataLoader rows")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--profile-steps", type=int, default=5, help="CUDA: extra steps under torch.profiler for 'GPU busy'")
+    p.add_argument("--profile-rows", default="resident,fused",
+                   help="comma-separated rows profiled on CUDA (GPU busy and the top kernels); each costs a profiler run")
     p.add_argument("--rows", default=",".join(k for k, _, _ in ROWS), help="comma-separated rows to run")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke run for the CPU")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
@@ -91,9 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("size", "batch_size", "base", "depth", "steps", "warmup"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    unknown = set(args.rows.split(",")) - {k for k, _, _ in ROWS}
-    if unknown:
-        p.error(f"--rows: unknown {sorted(unknown)}")
+    for flag, value in (("--rows", args.rows), ("--profile-rows", args.profile_rows)):
+        unknown = set(value.split(",")) - {k for k, _, _ in ROWS} - ({""} if flag == "--profile-rows" else set())
+        if unknown:
+            p.error(f"{flag}: unknown {sorted(unknown)}")
     return args
 
 
@@ -177,8 +181,9 @@ def step_flops(cfg: train.TrainConfig, device: torch.device) -> int:
     return counter.get_total_flops()
 
 
-def gpu_busy(step_once, n: int, device: torch.device) -> float:
-    """Fraction of wall time the GPU runs kernels or copies (union of their intervals under torch.profiler) over n steps."""
+def gpu_profile(step_once, n: int, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
+    """n steps under torch.profiler: the fraction of wall time the GPU runs kernels or copies (union of their
+    intervals), and the kernels that take the most GPU time (name, ms per step), where the step's time goes."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -189,13 +194,18 @@ def gpu_busy(step_once, n: int, device: torch.device) -> float:
             step_once()
         sync(device)
         wall = time.perf_counter() - t0
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy, end = 0.0, -math.inf
     for s, e in spans:  # union of intervals, in microseconds
         if e > end:
             busy += e - max(s, end)
             end = e
-    return busy / 1e6 / wall
+    per_name: dict[str, float] = {}
+    for e in kernels:
+        per_name[e.name] = per_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3 / n
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:PROFILE_TOP]
+    return busy / 1e6 / wall, top
 
 
 def run_row(key: str, cfg: train.TrainConfig, device: torch.device, cache: data.Cache, split: dict, args) -> dict:
@@ -236,11 +246,16 @@ def run_row(key: str, cfg: train.TrainConfig, device: torch.device, cache: data.
         loss = one_step()
     sync(device)
     wall = time.perf_counter() - t0
-    busy = None
-    if device.type == "cuda" and args.profile_steps > 0:
-        busy = gpu_busy(one_step, args.profile_steps, device)
+    busy, top, profile_error = None, [], None
+    if device.type == "cuda" and args.profile_steps > 0 and key in args.profile_rows.split(","):
+        try:  # a profiler (CUPTI) failure costs the row its profile, not the throughput measured above
+            busy, top = gpu_profile(one_step, args.profile_steps, device)
+        except Exception as e:
+            profile_error = f"{type(e).__name__}: {data.first_line(e)[:100]}"
+            print(f"[{key}] profile failed ({profile_error}); the row's throughput stands", flush=True)
     result = {"slices_per_s": args.steps * cfg.batch_size / wall, "step_s": wall / args.steps, "first_step_s": first,
-              "loss": float(loss.detach()), "busy": busy, "compiled": speed.compile,
+              "loss": float(loss.detach()), "busy": busy, "top": top, "profile_error": profile_error,
+              "compiled": speed.compile,
               "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     batches.close()  # stops DataLoader workers before the next row
     return result
@@ -318,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rel = [f"{r['slices_per_s'] / b['slices_per_s']:.2f}x" if b else "n/a" for b in (base, resident_fp32)]
         mem = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if r["peak_bytes"] is not None else "n/a"
-        busy = "n/a" if r["busy"] is None else f"{100 * r['busy']:.0f}%"
+        busy = ("profile failed" if r["profile_error"] else "n/a") if r["busy"] is None else f"{100 * r['busy']:.0f}%"
         lines.append(f"| {label} | {r['slices_per_s']:,.1f} | {r['step_s'] * 1e3:,.1f} | {rel[0]} | {rel[1]} | {mem} | "
                      f"{100 * flops / r['step_s'] / peak_rate:.1f}% | {busy} |")
     failed = [k for k, _, r, note in rows if note and note.startswith("FAILED")]
@@ -338,8 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         f"MFU: model FLOPs per step / step time / the {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate above",
         "peak memory: torch.cuda.max_memory_allocated over the row (the resident rows hold the training set on the GPU)",
         f"GPU busy: union of kernel and copy intervals under torch.profiler over {args.profile_steps} extra steps / "
-        "their wall time (a lower bound: the profiler adds host overhead)",
+        f"their wall time (a lower bound: the profiler adds host overhead), rows {args.profile_rows or 'none'} only",
     ]
+    for _, label, r, _ in rows:
+        if r and r["top"]:
+            notes.append(f"top kernels of '{label}' (GPU ms per step of {r['step_s'] * 1e3:.1f} ms wall): " + "; ".join(
+                f"{name[:70]} {ms:.2f}" for name, ms in r["top"]))
+        if r and r["profile_error"]:
+            notes.append(f"profile of '{label}' failed: {r['profile_error']}")
     report = "\n".join(header) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     print("\n" + report)
     if args.out:
