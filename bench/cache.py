@@ -170,10 +170,29 @@ def run_child(args: list[str]) -> tuple[dict, dict]:
     return json.loads(out.strip().splitlines()[-1]), {"worker": max(workers, default=0), "total": total}
 
 
+def phantoms(work: Path, volumes: int, slices: int, distinct: int = 0) -> Path:
+    """A Kaggle-layout folder of `volumes` phantoms; with 0 < distinct < volumes, volume k's slice files are hard
+    links to those of phantom (k - 1) % distinct + 1."""
+    if not 0 < distinct < volumes:
+        return data.write_synthetic(work / f"phantoms-{volumes}x{slices}", volumes, slices)
+    source = data.h5_folder(data.write_synthetic(work / f"phantoms-{distinct}x{slices}", distinct, slices))
+    folder = work / f"phantoms-{volumes}x{slices}-of-{distinct}"
+    files = folder / source.relative_to(source.parents[2])
+    shutil.rmtree(folder, ignore_errors=True)
+    files.mkdir(parents=True)
+    for k in range(1, volumes + 1):
+        for s in range(slices):
+            os.link(source / f"volume_{(k - 1) % distinct + 1}_slice_{s}.h5", files / f"volume_{k}_slice_{s}.h5")
+    return folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--volumes", type=int, nargs="+", default=[8], help="phantom volumes per build (several: one set each)")
     p.add_argument("--slices", type=int, default=155)
+    p.add_argument("--distinct", type=int, default=0,
+                   help="write only this many distinct phantoms and fill the other volumes with hard links to their "
+                        "files (every volume then costs the same to build; writing a phantom takes seconds); 0: all")
     p.add_argument("--data", default=None, help="measure this --data source (h5:DIR or nifti:DIR) instead of phantoms")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--size", type=int, default=240)
@@ -201,8 +220,9 @@ def main() -> None:
         sources.append((args.data, args.data, None))
     else:
         for v in args.volumes:
-            folder = data.write_synthetic(work / f"phantoms-{v}x{args.slices}", v, args.slices)  # not timed
-            sources.append((f"h5:{folder}", f".h5 phantoms {v}x{args.slices}", v))
+            folder = phantoms(work, v, args.slices, args.distinct)  # not timed
+            copies = f" ({args.distinct} distinct)" if 0 < args.distinct < v else ""
+            sources.append((f"h5:{folder}", f".h5 phantoms {v}x{args.slices}{copies}", v))
     startup = {w: run_child(["startup", str(w)])[0] for w in args.workers if w > 1}  # seconds and CPU seconds
     rows, floors = [], []
     for spec, label, v in sources:

@@ -17,11 +17,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_commit(paths: tuple[str, ...] = ()) -> str:
-    """Short HEAD, plus "-dirty (N uncommitted: ...)" when `paths` (default: the whole tree) have changes.
-
-    Without git or a commit (e.g. a copy of the tree on a GPU machine) falls back to the GIT_COMMIT
-    environment variable, then a COMMIT file at the repository root, and says which one it used.
+    """The commit the numbers belong to: the GIT_COMMIT environment variable when set (bench/gpu.sh sets it from
+    the caller's checkout: the copy of the tree on a GPU machine may carry a stale .git, or none), else the short
+    HEAD plus "-dirty (N uncommitted: ...)" when `paths` (default: the whole tree) have changes, else a COMMIT
+    file at the repository root; it says which one it used.
     """
+    if os.environ.get("GIT_COMMIT"):
+        return f"{os.environ['GIT_COMMIT']} (from GIT_COMMIT)"
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
         if head.returncode == 0:
@@ -34,8 +36,6 @@ def git_commit(paths: tuple[str, ...] = ()) -> str:
             return f"{head.stdout.strip()}-dirty ({len(changed)} uncommitted: {shown})"
     except OSError:  # no git executable
         pass
-    if os.environ.get("GIT_COMMIT"):
-        return f"{os.environ['GIT_COMMIT']} (from GIT_COMMIT; no git checkout here)"
     try:
         with open(os.path.join(REPO, "COMMIT")) as f:
             return f"{f.readline().strip()} (from the COMMIT file; no git checkout here)"

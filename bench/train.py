@@ -269,6 +269,51 @@ def skip_reason(key: str, device: torch.device) -> str | None:
     return None
 
 
+def make_report(header: list[str], rows: list[tuple], flops: int, peak_rate: float, device: torch.device,
+                args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The markdown report of the rows run so far, and the keys of the rows that failed."""
+    base = next((r for k, _, r, _ in rows if k == "seed" and r), None)
+    resident_fp32 = next((r for k, _, r, _ in rows if k == "resident" and r), None)
+    lines = ["| configuration | slices/s | ms/step | vs seed baseline | vs eager fp32 resident | peak memory | MFU | GPU busy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, label, r, note in rows:
+        if r is None:
+            lines.append(f"| {label} | {note} | | | | | | |")
+            continue
+        rel = [f"{r['slices_per_s'] / b['slices_per_s']:.2f}x" if b else "n/a" for b in (base, resident_fp32)]
+        mem = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if r["peak_bytes"] is not None else "n/a"
+        busy = ("profile failed" if r["profile_error"] else "n/a") if r["busy"] is None else f"{100 * r['busy']:.0f}%"
+        lines.append(f"| {label} | {r['slices_per_s']:,.1f} | {r['step_s'] * 1e3:,.1f} | {rel[0]} | {rel[1]} | {mem} | "
+                     f"{100 * flops / r['step_s'] / peak_rate:.1f}% | {busy} |")
+    failed = [k for k, _, r, note in rows if note and note.startswith("FAILED")]
+    notes = [f"rows failed: {', '.join(failed)}" if failed else "rows failed: none"]
+    notes += [f"compile ({label}): first step {r['first_step_s']:.1f} s (compilation, caches as found) against a "
+              f"steady {r['step_s'] * 1e3:.1f} ms" for _, label, r, _ in rows if r and r["compiled"]]
+    done = [(label, r) for _, label, r, _ in rows if r]
+    if done and args.size == data.RAW_SIZE:
+        label, fastest = max(done, key=lambda lr: lr[1]["slices_per_s"])
+        split_slices = 0.7 * KAGGLE_SLICES * SAMPLE_BRAIN_FRACTION
+        notes.append(f"Kaggle-scale epoch: the training split is ~{split_slices:,.0f} slices (70% of {KAGGLE_SLICES:,}, "
+                     f"{100 * SAMPLE_BRAIN_FRACTION:.1f}% with brain as in the BraTS sample); at the measured "
+                     f"{fastest['slices_per_s']:,.0f} slices/s ({label}) an epoch after the first takes "
+                     f"{split_slices / fastest['slices_per_s']:.1f} s (computed from the measured rate)")
+    notes += [
+        "slices/s: timed steps x batch / wall time of the steps run back to back, one synchronisation at the end",
+        f"MFU: model FLOPs per step / step time / the {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate above",
+        "peak memory: torch.cuda.max_memory_allocated over the row (the resident rows hold the training set on the GPU)",
+        f"GPU busy: union of kernel and copy intervals under torch.profiler over {args.profile_steps} extra steps / "
+        f"their wall time (a lower bound: the profiler adds host overhead), rows {args.profile_rows or 'none'} only",
+    ]
+    for _, label, r, _ in rows:
+        if r and r["top"]:
+            notes.append(f"top kernels of '{label}' (GPU ms per step of {r['step_s'] * 1e3:.1f} ms wall): " + "; ".join(
+                f"{name[:70]} {ms:.2f}" for name, ms in r["top"]))
+        if r and r["profile_error"]:
+            notes.append(f"profile of '{label}' failed: {r['profile_error']}")
+    report = "\n".join(header) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return report, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -312,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((key, label, None, f"skipped: {reason}"))
             continue
         print(f"[{key}] {label} ...", flush=True)
+        if args.out:  # the rows so far, so a run stopped by its timeout still leaves the rows it finished
+            with data.atomic_path(Path(args.out)) as tmp:
+                tmp.write_text(make_report(header, rows, flops, peak_rate, device, args)[0] +
+                               f"\nINCOMPLETE: {len(rows)} of {len(ROWS)} rows done, then row '{key}' started\n")
         try:
             r = run_row(key, cfg, device, cache, split, args)
         except Exception as e:
@@ -323,45 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{key}] {r['slices_per_s']:,.1f} slices/s, {r['step_s'] * 1e3:.1f} ms/step, loss {r['loss']:.4f}", flush=True)
         rows.append((key, label, r, None))
 
-    base = next((r for k, _, r, _ in rows if k == "seed" and r), None)
-    resident_fp32 = next((r for k, _, r, _ in rows if k == "resident" and r), None)
-    lines = ["| configuration | slices/s | ms/step | vs seed baseline | vs eager fp32 resident | peak memory | MFU | GPU busy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for key, label, r, note in rows:
-        if r is None:
-            lines.append(f"| {label} | {note} | | | | | | |")
-            continue
-        rel = [f"{r['slices_per_s'] / b['slices_per_s']:.2f}x" if b else "n/a" for b in (base, resident_fp32)]
-        mem = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if r["peak_bytes"] is not None else "n/a"
-        busy = ("profile failed" if r["profile_error"] else "n/a") if r["busy"] is None else f"{100 * r['busy']:.0f}%"
-        lines.append(f"| {label} | {r['slices_per_s']:,.1f} | {r['step_s'] * 1e3:,.1f} | {rel[0]} | {rel[1]} | {mem} | "
-                     f"{100 * flops / r['step_s'] / peak_rate:.1f}% | {busy} |")
-    failed = [k for k, _, r, note in rows if note and note.startswith("FAILED")]
-    notes = [f"rows failed: {', '.join(failed)}" if failed else "rows failed: none"]
-    notes += [f"compile ({label}): first step {r['first_step_s']:.1f} s (compilation, caches as found) against a "
-              f"steady {r['step_s'] * 1e3:.1f} ms" for _, label, r, _ in rows if r and r["compiled"]]
-    done = [(label, r) for _, label, r, _ in rows if r]
-    if done and args.size == data.RAW_SIZE:
-        label, fastest = max(done, key=lambda lr: lr[1]["slices_per_s"])
-        split_slices = 0.7 * KAGGLE_SLICES * SAMPLE_BRAIN_FRACTION
-        notes.append(f"Kaggle-scale epoch: the training split is ~{split_slices:,.0f} slices (70% of {KAGGLE_SLICES:,}, "
-                     f"{100 * SAMPLE_BRAIN_FRACTION:.1f}% with brain as in the BraTS sample); at the measured "
-                     f"{fastest['slices_per_s']:,.0f} slices/s ({label}) an epoch after the first takes "
-                     f"{split_slices / fastest['slices_per_s']:.1f} s (computed from the measured rate)")
-    notes += [
-        "slices/s: timed steps x batch / wall time of the steps run back to back, one synchronisation at the end",
-        f"MFU: model FLOPs per step / step time / the {'bf16' if device.type == 'cuda' else 'fp32'} matmul rate above",
-        "peak memory: torch.cuda.max_memory_allocated over the row (the resident rows hold the training set on the GPU)",
-        f"GPU busy: union of kernel and copy intervals under torch.profiler over {args.profile_steps} extra steps / "
-        f"their wall time (a lower bound: the profiler adds host overhead), rows {args.profile_rows or 'none'} only",
-    ]
-    for _, label, r, _ in rows:
-        if r and r["top"]:
-            notes.append(f"top kernels of '{label}' (GPU ms per step of {r['step_s'] * 1e3:.1f} ms wall): " + "; ".join(
-                f"{name[:70]} {ms:.2f}" for name, ms in r["top"]))
-        if r and r["profile_error"]:
-            notes.append(f"profile of '{label}' failed: {r['profile_error']}")
-    report = "\n".join(header) + "\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    report, failed = make_report(header, rows, flops, peak_rate, device, args)
     print("\n" + report)
     if args.out:
         with data.atomic_path(Path(args.out)) as tmp:

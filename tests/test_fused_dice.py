@@ -185,7 +185,10 @@ def test_weight_of_ones_is_unweighted(device):
     logits, target = randn(*SHAPE, device=device), mask(*SHAPE, device=device)
     loss_w, grad_w = run(logits, target, weight=torch.ones(SHAPE, device=device))
     loss, grad = run(logits, target)
-    assert torch.equal(loss_w, loss) and torch.equal(grad_w, grad)
+    # equal to rounding, not bit for bit: on an H200 (2026-12-04) the compiled weighted kernel's gradient differed
+    # from the unweighted one's in the last bits (the two kernels order their float32 products differently)
+    torch.testing.assert_close(loss_w, loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_w, grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
