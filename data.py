@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import socket
@@ -31,10 +30,7 @@ RAW_SIZE = 240  # BraTS in-plane size, both layouts
 CACHE_VERSION = 2  # 2: slices cropped to the brain's box before resizing (meta "box")
 SYNTHETIC_VERSION = 1  # the phantoms' own format, independent of the cache's
 CROP_MARGIN = 4  # voxels of background kept around the brain's box
-# The patient's left-right axis in a slice (N, C, H, W): H. The sample's brains overlap their mirror image across H by
-# 0.87-0.94 (IoU of the brain masks), across W by 0.61-0.69; brain_box centres the brain, so the mirror is its midline.
-LEFT_RIGHT_DIM = -2
-EXTREMITY_FRACTION = 0.25  # a tumour's extremity: a slice whose tumour is under this share of its largest section
+INTENSITY = 0.1  # augmentation: brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY (0.3 was no better)
 KAGGLE_DATASET = "awsaf49/brats2020-training-data"
 H5_NAME = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
 DEFAULT_SYNTHETIC = (12, 40)  # volumes x slices of `--data synthetic`
@@ -620,7 +616,7 @@ def split_volumes(volume_ids: list[str], seed: int, folds: int = 0, fold: int = 
 
 # ----------------------------------------------------------------------------------------------------------
 # Serving slices: the set held in memory (device or pinned host), neighbour slices as context, the augmentation,
-# and the batch source that train.py and bench/train.py both use.
+# and the batch source that train.py and bench/throughput.py both use.
 
 
 def as_device(device: torch.device | str) -> torch.device:
@@ -631,13 +627,12 @@ def as_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def context_index(counts: list[int], context: int, step: int = 1) -> torch.Tensor:
+def context_index(counts: list[int], context: int) -> torch.Tensor:
     """For slices stacked volume after volume (`counts` slices each): the (N, 2 * context + 1) indices of each
-    slice's neighbours z - context * step, .., z - step, z, z + step, .., z + context * step in its own volume;
-    the first and last slice repeat beyond the ends. A step > 1 spans more of the tumour's extent in z for the
-    same number of input channels."""
+    slice's neighbours z - context, .., z, .., z + context in its own volume; the first and last slice repeat
+    beyond the ends."""
     rows, start = [], 0
-    offsets = torch.arange(-context, context + 1) * step
+    offsets = torch.arange(-context, context + 1)
     for c in counts:
         z = torch.arange(c)[:, None] + offsets
         rows.append(start + z.clamp(0, max(c - 1, 0)))
@@ -649,45 +644,6 @@ def with_context(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Model input: each slice's neighbours stacked as channels, (N, C, H, W) + (M, K) → (M, K * C, H, W),
     ordered neighbour by neighbour (z - context first)."""
     return images[index].flatten(1, 2)
-
-
-PLANES = (1, 3)  # slice stacks a model is trained and run on: across z only, or across z, H and W
-
-
-def plane_depth(slices: int, box_side: int, size: int, spacing: list[float] | tuple[float, ...]) -> int:
-    """The number of rows z spans in the slices across H and W: z resampled to the in-plane pixel of the resized
-    box (box_side * x_mm / size), so those slices have square pixels too; at most `size` (a box narrower than the
-    brain is tall squeezes z a little). spacing is (x_mm, y_mm, z_mm), the slices stacked (z, x, y)."""
-    x_mm, _, z_mm = spacing[:3]
-    return int(min(size, max(1, round(slices * z_mm * size / (box_side * x_mm)))))
-
-
-def resample_z(x: torch.Tensor, depth: int) -> torch.Tensor:
-    """Stacked slices (D, K, H, W) → (depth, K, H, W) float32, linear in z (pixel centres aligned as by OpenCV)."""
-    x = x.float()
-    if x.shape[0] == depth:
-        return x
-    return F.interpolate(x.movedim(0, 1)[None], size=(depth, *x.shape[2:]), mode="trilinear",
-                         align_corners=False)[0].movedim(0, 1)
-
-
-def to_planes(x: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A volume's stacked slices (D, K, S, S), z resampled to `depth` rows and centred in S rows of zeros (the
-    background's value): its slices across H, (S, K, S, S) indexed [h, k, z, w], and across W, [w, k, z, h]. With H
-    the left-right axis (LEFT_RIGHT_DIM), those are the sagittal and the coronal slices."""
-    size = x.shape[-1]
-    top = (size - depth) // 2
-    v = F.pad(resample_z(x, depth), (0, 0, 0, 0, 0, 0, top, size - depth - top))  # (S, K, S, S) [z, k, h, w]
-    return v.permute(2, 1, 0, 3).contiguous(), v.permute(3, 1, 0, 2).contiguous()
-
-
-def from_plane(values: torch.Tensor, across: str, depth: int, slices: int) -> torch.Tensor:
-    """Values (S, S, S) of the slices across H ([h, z, w]) or W ([w, z, h]) of to_planes, back on the grid of the
-    stacked slices (slices, S, S) [z, h, w]: the padding dropped, z resampled to `slices`, linear."""
-    size = values.shape[-1]
-    top = (size - depth) // 2
-    v = values.permute(1, 0, 2) if across == "H" else values.permute(1, 2, 0)  # [z, h, w]
-    return resample_z(v[top:top + depth, None], slices)[:, 0]
 
 
 @dataclass
@@ -710,9 +666,8 @@ class SliceSet:
 
 
 def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0,
-                device: torch.device | str = "cpu", context_step: int = 1, planes: int = 1) -> SliceSet:
-    """Load the cached slices of these volumes into one tensor on `device`, volume by volume; with planes=3 each
-    volume's slices across H and across W (to_planes) follow its slices across z, each stack with its own context.
+                device: torch.device | str = "cpu") -> SliceSet:
+    """Load the cached slices of these volumes into one tensor on `device`, volume by volume.
 
     On CUDA, when the set does not fit in free memory (with 4 GB headroom), it stays in pinned host memory
     and batches are copied over without blocking; one line says so.
@@ -720,8 +675,7 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], contex
     device = as_device(device)
     size = cache.meta["size"]
     counts = [len(cache.volume(v)["slices"]) for v in volume_ids]
-    stacks = [[c] + [size] * (planes - 1) for c in counts]  # slices of each volume's stacks
-    n = sum(map(sum, stacks))
+    n = sum(counts)
     target = device
     if device.type == "cuda":
         need = n * (len(channels) + 1) * size * size * 2
@@ -740,102 +694,39 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], contex
         images[start:start + c].copy_(img)
         masks[start:start + c].copy_(mask)
         start += c
-        if planes == 3:  # the mask rides along as one more channel, resampled with the images, then thresholded
-            meta = cache.volume(vid)
-            depth = plane_depth(c, meta["box"][2], size, meta["spacing"])
-            for stack in to_planes(torch.cat([img, mask[:, None]], 1), depth):
-                images[start:start + size].copy_(stack[:, :-1])
-                masks[start:start + size].copy_(stack[:, -1] >= 0.5)
-                start += size
-    volume = torch.repeat_interleave(torch.arange(len(volume_ids)), torch.tensor(list(map(sum, stacks)), dtype=torch.long))
-    index = context_index([k for per_volume in stacks for k in per_volume], context, context_step)
-    return SliceSet(images, masks, volume, list(volume_ids), index.to(target))
+    volume = torch.repeat_interleave(torch.arange(len(volume_ids)), torch.tensor(counts, dtype=torch.long))
+    return SliceSet(images, masks, volume, list(volume_ids), context_index(counts, context).to(target))
 
 
-def fade_lesion(x: torch.Tensor, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Image (N, C, H, W) with the tumour (mask y (N, 1, H, W)) pulled toward the brain around it, channel by
-    channel: x' = m + factor * (x - m) inside the tumour, m the mean of the slice's other brain (non-zero) pixels,
-    factor (N, C, 1, 1) in [0, 1] (1: unchanged). A fainter lesion with the same label: low-contrast oedema and
-    non-enhancing cores. Channels without tumour or without other brain pixels are left as they are."""
-    brain = x != 0
-    tumour = brain & y.bool()
-    rest = brain & ~tumour
-    count = rest.sum((-1, -2), keepdim=True)
-    mean = torch.where(rest, x, 0).sum((-1, -2), keepdim=True) / count.clamp(min=1)
-    return torch.where(tumour & (count > 0), mean + factor * (x - mean), x)
-
-
-def with_asymmetry(x: torch.Tensor, transposed: torch.Tensor | None = None) -> torch.Tensor:
-    """Model input with each channel's difference from its left-right mirror image appended: (N, C, H, W) →
-    (N, 2C, H, W). A tumour is rarely symmetric, so a lesion faint against its own brain can still stand out
-    against the same place in the other hemisphere. `transposed` (N, 1, 1, 1) bool marks the samples whose H and W
-    the augmentation swapped: their left-right axis is W."""
-    mirror = x.flip(LEFT_RIGHT_DIM)
-    if transposed is not None:
-        mirror = torch.where(transposed, x.flip(-1 if LEFT_RIGHT_DIM == -2 else -2), mirror)
-    return torch.cat([x, x - mirror], 1)
-
-
-def mirror_overlap(brain: np.ndarray) -> tuple[float, float]:
-    """IoU of a brain mask (..., H, W) with its mirror image across H, and across W: the patient's left-right axis
-    is the one with the higher overlap (LEFT_RIGHT_DIM)."""
-    brain = brain.astype(bool)
-
-    def iou(mirror: np.ndarray) -> float:
-        return float((brain & mirror).sum() / max((brain | mirror).sum(), 1))
-
-    return iou(brain[..., ::-1, :]), iou(brain[..., :, ::-1])
-
-
-def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, affine: bool = False,
-            intensity: float = 0.1, lesion_fade: float = 0.0, modalities: int = 0,
-            modality_dropout: float = 0.0, asymmetry: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random dihedral transform (flips and 90° rotations), brain intensities scaled by 1 ± intensity and shifted
-    by ± intensity per channel (scanners and sites differ in contrast), optionally a small rotation + zoom through
-    grid_sample and, with lesion_fade > 0, in half the samples the tumour faded toward the brain (fade_lesion) by
-    a factor drawn in [1 - lesion_fade, 1] per modality: the `modalities` channels repeat once per context slice
-    (with_context's order; the centre slice's mask stands for its neighbours'), and one scan's contrast is the same
-    on neighbouring slices. With modality_dropout > 0, that fraction of the samples loses one modality, drawn at
-    random, on every context slice: set to 0, the brain's mean after normalisation and the background, so the model
-    learns to find a tumour faint in one modality from the others (ModDrop). The same geometry for image
-    (N, C, H, W) float and mask (N, 1, H, W) uint8. With asymmetry, each channel's difference from its left-right
-    mirror (with_asymmetry) is appended last, along the axis that left-right became. Returns contiguous tensors,
-    the mask still uint8."""
+def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, modalities: int = 0,
+            modality_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random dihedral transform (flips and 90° rotations) of image (N, C, H, W) float and mask (N, 1, H, W) uint8
+    alike; brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY per channel (scanners and sites
+    differ in contrast). With modality_dropout > 0, that fraction of the samples loses one of the `modalities`
+    (default: every channel is one), drawn at random, on every context slice (channels repeat the modalities once
+    per slice, with_context's order): set to 0, the brain's mean after normalisation and the background, so the
+    model learns to find a tumour faint in one modality from the others (ModDrop). Returns contiguous tensors, the
+    mask still uint8."""
     n, c, dev = x.shape[0], x.shape[1], x.device
-    k = modalities or c  # the modalities; with context, channels repeat them once per slice
+    k = modalities or c
 
     def coin() -> torch.Tensor:
         return torch.rand(n, 1, 1, 1, device=dev, generator=generator) < 0.5
 
-    t = coin() if x.shape[-1] == x.shape[-2] else None  # transposed samples (square slices only)
-    if t is not None:
+    if x.shape[-1] == x.shape[-2]:  # transposition: square slices only
+        t = coin()
         x, y = torch.where(t, x.transpose(-1, -2), x), torch.where(t, y.transpose(-1, -2), y)
     for dim in (-1, -2):
         f = coin()
         x, y = torch.where(f, x.flip(dim), x), torch.where(f, y.flip(dim), y)
-    scale = 1 + intensity * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
-    shift = intensity * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
+    scale = 1 + INTENSITY * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
+    shift = INTENSITY * (2 * torch.rand(n, c, 1, 1, device=dev, generator=generator) - 1)
     x = torch.where(x != 0, x * scale + shift, x)
-    if affine:
-        angle = (2 * torch.rand(n, device=dev, generator=generator) - 1) * math.radians(15)
-        zoom = 1 + 0.1 * (2 * torch.rand(n, device=dev, generator=generator) - 1)
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        zero = torch.zeros_like(cos)
-        theta = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", align_corners=False)
-        y = F.grid_sample(y.to(x.dtype), grid, mode="nearest", align_corners=False).to(torch.uint8)
-    if lesion_fade:  # drawn last, so the draws above are the same with or without it
-        factor = 1 - lesion_fade * torch.rand(n, k, 1, 1, device=dev, generator=generator)
-        factor = torch.where(coin(), factor, 1.0).repeat(1, c // k, 1, 1)
-        x = fade_lesion(x, y, factor)
-    if modality_dropout:  # drawn after everything else, so the draws above are the same with or without it
+    if modality_dropout:  # drawn last, so the draws above are the same with or without it
         dropped = torch.randint(k, (n, 1), device=dev, generator=generator)
         hit = torch.rand(n, 1, device=dev, generator=generator) < modality_dropout
         keep = ~(hit & (torch.arange(k, device=dev) == dropped))  # (N, k)
         x = x * keep.repeat(1, c // k)[:, :, None, None].to(x.dtype)
-    if asymmetry:  # of the image the model sees: after the intensities, the fade and the dropped modality
-        x = with_asymmetry(x, t)
     return x.contiguous(), y.contiguous()
 
 
@@ -844,47 +735,23 @@ def rng_seed(*parts: int) -> int:
     return hash(tuple(parts)) & (2**63 - 1)  # ints hash to themselves: no per-process hash randomisation
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
-    """This rank's share of epoch `epoch`'s shuffled order of n slices (CPU, int64).
-
-    The order depends only on (seed, epoch), so every rank draws the same one and takes every world-th slice from
-    its rank on (ranks never share a draw in an epoch), and a resumed run replays the same epochs. Without weights it
-    is a permutation (every slice once); with weights (n,), n draws with replacement in proportion to them.
-    """
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's share of epoch `epoch`'s permutation of n slices (CPU, int64). The order depends only on
+    (seed, epoch), so every rank draws the same one and takes every world-th slice from its rank on (ranks never
+    share a slice in an epoch), and a resumed run replays the same epochs."""
     generator = torch.Generator().manual_seed(rng_seed(seed, epoch))
-    if weights is None:
-        return torch.randperm(n, generator=generator)[rank::world]
-    return torch.multinomial(weights.double(), n, replacement=True, generator=generator)[rank::world]
-
-
-def extremity_weights(cache: Cache, volume_ids: list[str], factor: float,
-                      fraction: float = EXTREMITY_FRACTION) -> torch.Tensor:
-    """Sampling weight of each slice of these volumes, in load_slices' order: `factor` where the slice cuts the
-    tumour's extremity (some tumour, but less than `fraction` of the volume's largest tumour section), 1 elsewhere.
-
-    The model's typical miss is the faint oedema of the slices above and below the tumour's bulk; drawing those
-    slices more often spends more of the steps on them (the field's foreground oversampling, aimed at the edges).
-    """
-    weights = []
-    for vid in volume_ids:
-        masks = cache.masks(vid, mmap=True)
-        area = masks.reshape(len(masks), -1).sum(1, dtype=np.int64)
-        extremity = (area > 0) & (area < fraction * area.max())
-        weights.append(np.where(extremity, factor, 1.0))
-    return torch.from_numpy(np.concatenate(weights))
+    return torch.randperm(n, generator=generator)[rank::world]
 
 
 class DiskSlices(torch.utils.data.Dataset):
     """Slices read one at a time from the memory-mapped disk cache, for DataLoader workers (the --resident off
     path): (image float16 (K * C, H, W) with its context, mask uint8 (H, W))."""
 
-    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0,
-                 context_step: int = 1):
+    def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], context: int = 0):
         self.cache, self.channels = cache, channels
         counts = [len(cache.volume(v)["slices"]) for v in volume_ids]
         self.index = [(v, k) for v, c in zip(volume_ids, counts) for k in range(c)]
-        self.context = context_index(counts, context, context_step)
+        self.context = context_index(counts, context)
         self.arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # opened lazily, per worker process
 
     def __len__(self) -> int:
@@ -918,40 +785,27 @@ class TrainBatches:
 
     resident=True: the training slices live in device memory (or pinned host memory when they do not fit) and a
     batch is one indexing; False: DataLoader workers read them from the memory-mapped disk cache (DiskSlices).
-    Both follow epoch_order (oversample > 1: the tumour's extremity slices drawn that many times as often, see
-    extremity_weights), and each batch's augmentation is seeded by (seed, epoch, rank, batch), so an
-    epoch is a pure function of its number: a run resumed at any batch sees the batches it would have seen.
-    Yields (images float32 (B, K * C, H, W), 2 K * C channels with asymmetry, masks uint8 (B, 1, H, W)),
-    contiguous, on `device`. planes=3: the slices across H and W join those across z (load_slices).
+    Both follow epoch_order, and each batch's augmentation is seeded by (seed, epoch, rank, batch), so an epoch is
+    a pure function of its number: a run resumed at any batch sees the batches it would have seen.
+    Yields (images float32 (B, K * C, H, W), masks uint8 (B, 1, H, W)), contiguous, on `device`.
     """
 
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
-                 batch_size: int, *, context: int = 0, context_step: int = 1, resident: bool = True, workers: int = 2,
-                 seed: int = 0, rank: int = 0, world: int = 1, augment: bool = True, affine: bool = False,
-                 intensity: float = 0.1, lesion_fade: float = 0.0, oversample: float = 1.0,
-                 modality_dropout: float = 0.0, asymmetry: bool = False, planes: int = 1):
-        if planes not in PLANES:
-            raise UserError(f"--planes must be one of {PLANES}, got {planes}")
-        for flag, clash in (("--resident off", not resident), ("--oversample", oversample != 1),
-                            ("--asymmetry on", asymmetry)):
-            if planes != 1 and clash:  # slices built in memory; extremities and left-right defined across z only
-                raise UserError(f"--planes {planes} cannot be used with {flag}: it works on the slices across z only")
+                 batch_size: int, *, context: int = 0, resident: bool = True, workers: int = 2, seed: int = 0,
+                 rank: int = 0, world: int = 1, augment: bool = True, modality_dropout: float = 0.0):
         self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
         self.seed, self.rank, self.world = seed, rank, world
-        self.augment, self.affine, self.intensity, self.lesion_fade = augment, affine, intensity, lesion_fade
-        self.modality_dropout, self.asymmetry = modality_dropout, asymmetry
-        self.modalities = len(channels)
+        self.augment, self.modality_dropout, self.modalities = augment, modality_dropout, len(channels)
         if resident:
-            self.slices = load_slices(cache, volume_ids, channels, context, self.device, context_step, planes)
+            self.slices = load_slices(cache, volume_ids, channels, context, self.device)
             self.n = len(self.slices)
         else:
-            dataset = DiskSlices(cache, volume_ids, channels, context, context_step)
+            dataset = DiskSlices(cache, volume_ids, channels, context)
             self.n, self.sampler = len(dataset), OrderSampler()
             self.loader = torch.utils.data.DataLoader(
                 dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, num_workers=workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         self.aug_generator = torch.Generator(device=self.device)
-        self.weights = extremity_weights(cache, volume_ids, oversample) if oversample != 1 else None
 
     def __len__(self) -> int:
         """Batches per epoch on each rank (the same on every rank; the remainder of the permutation is dropped)."""
@@ -959,7 +813,7 @@ class TrainBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches start, start + 1, ... of epoch `epoch` (epochs count from 1)."""
-        order = epoch_order(self.n, self.seed, epoch, self.rank, self.world, self.weights)[:len(self) * self.batch_size]
+        order = epoch_order(self.n, self.seed, epoch, self.rank, self.world)[:len(self) * self.batch_size]
         order = order[start * self.batch_size:]
         if self.resident:
             order = order.to(self.slices.images.device)
@@ -975,8 +829,5 @@ class TrainBatches:
             x, y = x.float(), y.unsqueeze(1)
             if self.augment:
                 self.aug_generator.manual_seed(rng_seed(self.seed, epoch, self.rank, b))
-                x, y = augment(x, y, self.aug_generator, self.affine, self.intensity, self.lesion_fade,
-                               self.modalities, self.modality_dropout, self.asymmetry)
-            elif self.asymmetry:
-                x = with_asymmetry(x)
+                x, y = augment(x, y, self.aug_generator, self.modalities, self.modality_dropout)
             yield x, y

@@ -2,8 +2,8 @@
 
     loss = bce_weight * BCE + dice_weight * (1 - Dice)
 
-BCE is the mean over elements, optionally of `weight` * BCE per element (PyTorch's `weight=` of
-`binary_cross_entropy_with_logits`: e.g. a tumour-boundary weight map); Dice is never weighted.
+BCE is the mean over all elements; Dice is one soft Dice over the whole batch (every element of every
+sample in one sum), with `smooth` added to its numerator and denominator.
 
 Three pieces side by side, like Liger-Kernel's fused losses:
   1. `dice_bce_loss_reference`: plain PyTorch, the one oracle for tests (float64 in, float64 out).
@@ -39,11 +39,9 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
 # variable once at import matches what the kernels will actually do.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-MODES = ("batch", "image")
 BACKENDS = ("auto", "torch", "triton")
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TARGET_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8, torch.bool)
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Launch configuration. Module-level so tests can shrink them to force several blocks per sample
 # and several loop trips in the reduce. Not tuned on a GPU yet.
@@ -62,25 +60,17 @@ def dice_bce_loss_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    mode: str = "batch",
     smooth: float = 1.0,
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
-    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch Dice+BCE; the oracle. Computes in float32, or float64 when logits are float64."""
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(dt)
     y = target.to(dt)
-    w = None if weight is None else weight.to(dt)
-    bce = F.binary_cross_entropy_with_logits(x, y, weight=w, reduction="mean")
+    bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean")
     p = torch.sigmoid(x)
-    # (N, M) per sample or (1, N*M) for the whole batch; reshape, since sum(dim=()) sums everything
-    rows = x.shape[0] if mode == "image" else 1
-    p, y = p.reshape(rows, -1), y.reshape(rows, -1)
-    inter = (p * y).sum(1)
-    denom = p.sum(1) + y.sum(1)
-    dice = ((2.0 * inter + smooth) / (denom + smooth)).mean()
+    dice = (2.0 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
     return bce_weight * bce + dice_weight * (1.0 - dice)
 
 
@@ -89,18 +79,19 @@ def dice_bce_loss_reference(
 #
 # Layout: each sample is a dense run of M = numel / N elements in storage (see _sample_major_order),
 # so program (blk, n) owns elements [blk * BLOCK * ITERS, (blk + 1) * BLOCK * ITERS) of sample n.
-# Both modes share the kernels: "image" uses per-sample sums, "batch" the totals over samples.
+# The Dice needs only totals over the batch; the per-(block, sample) partials keep every program on
+# one sample's contiguous run and let the reduce add them up in a fixed order.
 # Blocks go on grid axis 0 (limit 2^31 - 1), samples on axis 1 (limit 65535).
 
 if HAS_TRITON:
 
     @triton.jit
     def _dice_bce_fwd_kernel(
-        x_ptr, y_ptr, w_ptr, part_ptr,  # logits, targets, BCE weights (N*M each), partials (4, N, NB) float32
+        x_ptr, y_ptr, part_ptr,  # logits, targets (N*M each), partials (4, N, NB) float32
         N, M, NB,
-        WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+        BLOCK: tl.constexpr, ITERS: tl.constexpr,
     ):
-        """Per-program partial sums of (weighted) BCE, p*y, p and y over BLOCK * ITERS elements of a sample."""
+        """Per-program partial sums of BCE, p*y, p and y over BLOCK * ITERS elements of a sample."""
         blk = tl.program_id(0)
         n = tl.program_id(1)
         base = n.to(tl.int64) * M
@@ -117,8 +108,6 @@ if HAS_TRITON:
             p = tl.sigmoid(x)
             # stable BCE with logits: max(x, 0) - x*y + log(1 + exp(-|x|))
             bce = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
-            if WEIGHTED:
-                bce *= tl.load(w_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             acc_bce += tl.where(mask, bce, 0.0)
             acc_py += p * y  # y is 0 where masked
             acc_p += tl.where(mask, p, 0.0)
@@ -132,21 +121,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _dice_bce_reduce_kernel(
-        part_ptr, stats_ptr, loss_ptr,  # partials (4, N, NB); stats (N + 1, 4); loss ()
+        part_ptr, stats_ptr, loss_ptr,  # partials (4, N, NB); stats (4,); loss ()
         N, NB, inv_n_total, smooth, bce_weight, dice_weight,
-        IMAGE: tl.constexpr, RN: tl.constexpr, RB: tl.constexpr,
+        RN: tl.constexpr, RB: tl.constexpr,
     ):
-        """One program: sums partials in a fixed order into per-sample and total stats, then the loss.
-
-        stats row n = [bce_sum, sum p*y, sum p, sum y] of sample n; row N = the totals.
-        """
+        """One program: sums the partials in a fixed order (no atomics: bit-identical run to run) into
+        stats = [bce_sum, sum p*y, sum p, sum y] over the whole batch, then the loss."""
         stride_q = N * NB
         zero = tl.sum(tl.zeros([RN], dtype=tl.float32), axis=0)
         tot_bce = zero
         tot_py = zero
         tot_p = zero
         tot_y = zero
-        dice_sum = zero
         for n0 in range(0, N, RN):
             rn = n0 + tl.arange(0, RN)
             nmask = rn < N
@@ -162,53 +148,39 @@ if HAS_TRITON:
                 s_py += tl.sum(tl.load(part_ptr + stride_q + offs, mask=m, other=0.0), axis=1)
                 s_p += tl.sum(tl.load(part_ptr + 2 * stride_q + offs, mask=m, other=0.0), axis=1)
                 s_y += tl.sum(tl.load(part_ptr + 3 * stride_q + offs, mask=m, other=0.0), axis=1)
-            tl.store(stats_ptr + rn * 4 + 0, s_bce, mask=nmask)
-            tl.store(stats_ptr + rn * 4 + 1, s_py, mask=nmask)
-            tl.store(stats_ptr + rn * 4 + 2, s_p, mask=nmask)
-            tl.store(stats_ptr + rn * 4 + 3, s_y, mask=nmask)
             tot_bce += tl.sum(s_bce, axis=0)
             tot_py += tl.sum(s_py, axis=0)
             tot_p += tl.sum(s_p, axis=0)
             tot_y += tl.sum(s_y, axis=0)
-            dice_n = (2.0 * s_py + smooth) / (s_p + s_y + smooth)
-            dice_sum += tl.sum(tl.where(nmask, dice_n, 0.0), axis=0)
-        tl.store(stats_ptr + N * 4 + 0, tot_bce)
-        tl.store(stats_ptr + N * 4 + 1, tot_py)
-        tl.store(stats_ptr + N * 4 + 2, tot_p)
-        tl.store(stats_ptr + N * 4 + 3, tot_y)
-        if IMAGE:
-            dice = dice_sum / N
-        else:
-            dice = (2.0 * tot_py + smooth) / (tot_p + tot_y + smooth)
+        tl.store(stats_ptr + 0, tot_bce)
+        tl.store(stats_ptr + 1, tot_py)
+        tl.store(stats_ptr + 2, tot_p)
+        tl.store(stats_ptr + 3, tot_y)
+        dice = (2.0 * tot_py + smooth) / (tot_p + tot_y + smooth)
         loss = bce_weight * (tot_bce * inv_n_total) + dice_weight * (1.0 - dice)
         tl.store(loss_ptr, loss)
 
     @triton.jit
     def _dice_bce_bwd_kernel(
-        x_ptr, y_ptr, w_ptr, g_ptr, stats_ptr, go_ptr,  # logits, targets, BCE weights, grad out (N*M), stats, d loss
-        N, M, inv_n_total, inv_n_dice, smooth, bce_weight, dice_weight,
-        IMAGE: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+        x_ptr, y_ptr, g_ptr, stats_ptr, go_ptr,  # logits, targets, grad out (N*M each), stats (4,), d loss
+        M, inv_n_total, smooth, bce_weight, dice_weight,
+        BLOCK: tl.constexpr, ITERS: tl.constexpr,
     ):
-        """dL/dx = go * [bce_w w (p - y) / n_total - dice_w / n_dice * dD/dp * p (1 - p)], sigmoid recomputed
-        (w = 1 unless WEIGHTED).
+        """dL/dx = go * [bce_w (p - y) / n_total - dice_w * dD/dp * p (1 - p)], sigmoid recomputed.
 
-        With I = sum p*y, P = sum p, Y = sum y, S = P + Y + smooth, D = (2I + smooth) / S:
-        dD/dp = (2y S - (2I + smooth)) / S^2, i.e. -dice_w/n_dice * dD/dp = a*y + b below.
+        With I = sum p*y, P = sum p, Y = sum y (over the batch), S = P + Y + smooth, D = (2I + smooth) / S:
+        dD/dp = (2y S - (2I + smooth)) / S^2, i.e. -dice_w * dD/dp = a*y + b below.
         """
         blk = tl.program_id(0)
         n = tl.program_id(1)
-        if IMAGE:
-            row = n
-        else:
-            row = N
-        s_py = tl.load(stats_ptr + row * 4 + 1)
-        s_p = tl.load(stats_ptr + row * 4 + 2)
-        s_y = tl.load(stats_ptr + row * 4 + 3)
+        s_py = tl.load(stats_ptr + 1)
+        s_p = tl.load(stats_ptr + 2)
+        s_y = tl.load(stats_ptr + 3)
         go = tl.load(go_ptr).to(tl.float32)
         den = s_p + s_y + smooth
         c = go * bce_weight * inv_n_total
-        a = -go * dice_weight * inv_n_dice * 2.0 / den
-        b = go * dice_weight * inv_n_dice * (2.0 * s_py + smooth) / (den * den)
+        a = -go * dice_weight * 2.0 / den
+        b = go * dice_weight * (2.0 * s_py + smooth) / (den * den)
         base = n.to(tl.int64) * M
         start = blk * (BLOCK * ITERS)
         for it in range(ITERS):
@@ -217,10 +189,7 @@ if HAS_TRITON:
             x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + base + offs, mask=mask, other=0).to(tl.float32)
             p = tl.sigmoid(x)
-            d_bce = p - y
-            if WEIGHTED:
-                d_bce *= tl.load(w_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            g = c * d_bce + (a * y + b) * (p * (1.0 - p))
+            g = c * (p - y) + (a * y + b) * (p * (1.0 - p))
             tl.store(g_ptr + base + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -252,17 +221,13 @@ def _grad_like(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad, flat
 
 
-def _inputs_flat(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits, targets and weights as 1-D tensors in one shared sample-major order; zero-copy when possible.
-    Without weights the logits stand in for them (a pointer the kernels never read)."""
+def _inputs_flat(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets as 1-D tensors in one shared sample-major order; zero-copy when possible."""
     order = _sample_major_order(logits) or list(range(logits.dim()))
     x = _flat(logits, order)
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)  # same bytes; Triton loads it as an integer
-    y = _flat(target, order)
-    w = x if weight is None else _flat(weight, order)
-    return x, y, w
+    return x, _flat(target, order)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,40 +246,32 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _scalars(n_samples: int, numel: int, mode: str) -> tuple[float, float]:
-    return 1.0 / numel, (1.0 / n_samples if mode == "image" else 1.0)
-
-
 @torch.library.custom_op("brats_unet::dice_bce_fwd", mutates_args=())
 def _dice_bce_fwd(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, mode: str, smooth: float,
-    bce_weight: float, dice_weight: float,
+    logits: torch.Tensor, target: torch.Tensor, smooth: float, bce_weight: float, dice_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: returns (loss as float32 0-d, stats (N + 1, 4) float32 saved for backward)."""
+    """Triton forward: returns (loss as float32 0-d, stats (4,) float32 saved for backward)."""
     n = logits.shape[0]
     m = logits.numel() // n
-    x, y, w = _inputs_flat(logits, target, weight)
+    x, y = _inputs_flat(logits, target)
     nb = triton.cdiv(m, BLOCK * ITERS)
     partials = torch.empty((4, n, nb), dtype=torch.float32, device=logits.device)
-    stats = torch.empty((n + 1, 4), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((4,), dtype=torch.float32, device=logits.device)
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
-    inv_n_total, _ = _scalars(n, logits.numel(), mode)
     with _on_device(logits.device):
-        _dice_bce_fwd_kernel[(nb, n)](x, y, w, partials, n, m, nb, WEIGHTED=weight is not None, BLOCK=BLOCK,
-                                      ITERS=ITERS)
+        _dice_bce_fwd_kernel[(nb, n)](x, y, partials, n, m, nb, BLOCK=BLOCK, ITERS=ITERS)
         _dice_bce_reduce_kernel[(1,)](
-            partials, stats, loss, n, nb, inv_n_total, smooth, bce_weight, dice_weight,
-            IMAGE=mode == "image", RN=REDUCE_N, RB=REDUCE_B,
+            partials, stats, loss, n, nb, 1.0 / logits.numel(), smooth, bce_weight, dice_weight,
+            RN=REDUCE_N, RB=REDUCE_B,
         )
     return loss, stats
 
 
 @_dice_bce_fwd.register_fake
-def _(logits, target, weight, mode, smooth, bce_weight, dice_weight):
-    n = logits.shape[0]
+def _(logits, target, smooth, bce_weight, dice_weight):
     return (
         logits.new_empty((), dtype=torch.float32),
-        logits.new_empty((n + 1, 4), dtype=torch.float32),
+        logits.new_empty((4,), dtype=torch.float32),
     )
 
 
@@ -323,9 +280,7 @@ def _dice_bce_bwd(
     grad_loss: torch.Tensor,
     logits: torch.Tensor,
     target: torch.Tensor,
-    weight: torch.Tensor | None,
     stats: torch.Tensor,
-    mode: str,
     smooth: float,
     bce_weight: float,
     dice_weight: float,
@@ -333,35 +288,34 @@ def _dice_bce_bwd(
     """Triton backward: the gradient w.r.t. logits, in their dtype and layout."""
     n = logits.shape[0]
     m = logits.numel() // n
-    x, y, w = _inputs_flat(logits, target, weight)
+    x, y = _inputs_flat(logits, target)
     grad, g = _grad_like(logits)
     nb = triton.cdiv(m, BLOCK * ITERS)
-    inv_n_total, inv_n_dice = _scalars(n, logits.numel(), mode)
     go = grad_loss.to(torch.float32).reshape(1)  # stays on device: no .item()
     with _on_device(logits.device):
         _dice_bce_bwd_kernel[(nb, n)](
-            x, y, w, g, stats, go, n, m, inv_n_total, inv_n_dice, smooth, bce_weight, dice_weight,
-            IMAGE=mode == "image", WEIGHTED=weight is not None, BLOCK=BLOCK, ITERS=ITERS,
+            x, y, g, stats, go, m, 1.0 / logits.numel(), smooth, bce_weight, dice_weight,
+            BLOCK=BLOCK, ITERS=ITERS,
         )
     return grad
 
 
 @_dice_bce_bwd.register_fake
-def _(grad_loss, logits, target, weight, stats, mode, smooth, bce_weight, dice_weight):
+def _(grad_loss, logits, target, stats, smooth, bce_weight, dice_weight):
     return _grad_like(logits)[0]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, weight, mode, smooth, bce_weight, dice_weight = inputs
+    logits, target, smooth, bce_weight, dice_weight = inputs
     _, stats = output
-    ctx.save_for_backward(logits, target, weight, stats)  # the inputs plus (N + 1) x 4 floats; weight may be None
-    ctx.args = (mode, smooth, bce_weight, dice_weight)
+    ctx.save_for_backward(logits, target, stats)  # the inputs plus 4 floats
+    ctx.args = (smooth, bce_weight, dice_weight)
 
 
 def _backward(ctx, grad_loss, grad_stats):
-    logits, target, weight, stats = ctx.saved_tensors
-    grad = _dice_bce_bwd(grad_loss, logits, target, weight, stats, *ctx.args)
-    return grad, None, None, None, None, None, None
+    logits, target, stats = ctx.saved_tensors
+    grad = _dice_bce_bwd(grad_loss, logits, target, stats, *ctx.args)
+    return grad, None, None, None, None
 
 
 _dice_bce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -371,18 +325,7 @@ _dice_bce_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Public entry point
 
 
-def _check_like_logits(name: str, t: torch.Tensor, logits: torch.Tensor, dtypes: tuple, dtypes_text: str) -> None:
-    """Raise ValueError unless `t` (the target or the weights) has the logits' shape and device and one of `dtypes`."""
-    if t.shape != logits.shape:
-        raise ValueError(f"{name}: expected the same shape as logits {tuple(logits.shape)}, got {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name}: expected {dtypes_text} dtype, got {t.dtype}")
-    if t.device != logits.device:
-        raise ValueError(f"{name}: expected the same device as logits ({logits.device}), got {t.device}")
-
-
-def _validate(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, mode: str, backend: str
-              ) -> None:
+def _validate(logits: torch.Tensor, target: torch.Tensor, backend: str) -> None:
     """Raise ValueError naming the offending argument and what was expected."""
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"logits: expected a torch.Tensor, got {type(logits).__name__}")
@@ -392,13 +335,12 @@ def _validate(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor |
         raise ValueError(f"logits: expected dtype float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() < 1 or logits.numel() == 0:
         raise ValueError(f"logits: expected a non-empty tensor of shape (N, ...), got {tuple(logits.shape)}")
-    _check_like_logits("target", target, logits, TARGET_DTYPES, "a float, uint8 or bool")
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor):
-            raise ValueError(f"weight: expected a torch.Tensor or None, got {type(weight).__name__}")
-        _check_like_logits("weight", weight, logits, WEIGHT_DTYPES, "a float")
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if target.shape != logits.shape:
+        raise ValueError(f"target: expected the same shape as logits {tuple(logits.shape)}, got {tuple(target.shape)}")
+    if target.dtype not in TARGET_DTYPES:
+        raise ValueError(f"target: expected a float, uint8 or bool dtype, got {target.dtype}")
+    if target.device != logits.device:
+        raise ValueError(f"target: expected the same device as logits ({logits.device}), got {target.device}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "triton":
@@ -417,27 +359,20 @@ def dice_bce_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
     *,
-    mode: str = "batch",
     smooth: float = 1.0,
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
-    weight: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dice+BCE loss on raw logits of shape (N, ...); returns a float32 0-d tensor.
 
-    mode="batch": one Dice over the whole batch; mode="image": Dice per sample, then the mean.
-    weight: per-element BCE weights of the logits' shape (a constant: no gradient flows into it); None: all 1.
+    One Dice over the whole batch; BCE the mean over all elements; bce_weight and dice_weight scale the two terms.
     backend="triton": fused kernels; "torch": the plain reference; "auto": Triton on CUDA tensors.
     """
-    _validate(logits, target, weight, mode, backend)
-    if weight is not None:
-        weight = weight.detach()
+    _validate(logits, target, backend)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logits.device.type == "cuda" else "torch"
     if backend == "torch":
-        return dice_bce_loss_reference(
-            logits, target, mode=mode, smooth=smooth, bce_weight=bce_weight, dice_weight=dice_weight, weight=weight
-        )
-    loss, _ = _dice_bce_fwd(logits, target, weight, mode, float(smooth), float(bce_weight), float(dice_weight))
+        return dice_bce_loss_reference(logits, target, smooth=smooth, bce_weight=bce_weight, dice_weight=dice_weight)
+    loss, _ = _dice_bce_fwd(logits, target, float(smooth), float(bce_weight), float(dice_weight))
     return loss

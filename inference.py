@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ from unet import UNet, UNetConfig
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_COMPONENTS = (0, 10, 25, 50, 100, 200, 400)  # pixels at 240 x 240
 CHECKPOINT_KEYS = ("model", "unet", "channels", "context", "size", "crop", "threshold", "min_component", "largest_3d")
+# levers removed after commit 60d0b04 (records/README.md): a checkpoint trained with one needs that commit
+REMOVED_LEVERS = {"context_step": 1, "asymmetry": False, "planes": 1}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,7 +116,11 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing:
             raise KeyError(f"lacks {', '.join(missing)}: not a train.py checkpoint")
-        model = UNet(UNetConfig(**ckpt["unet"]))
+        used = {**{k: ckpt[k] for k in REMOVED_LEVERS if ckpt.get(k, REMOVED_LEVERS[k]) != REMOVED_LEVERS[k]},
+                **({"deep_supervision": ckpt["unet"]["deep_supervision"]} if ckpt["unet"].get("deep_supervision") else {})}
+        if used:
+            raise ValueError(f"trained with {used}, levers this version no longer has: predict with commit 60d0b04")
+        model = UNet(UNetConfig(**{k: v for k, v in ckpt["unet"].items() if k != "deep_supervision"}))
         model.load_state_dict(ckpt["model"])
     except FileNotFoundError:
         raise data.UserError(f"checkpoint not found: {path}") from None
@@ -131,17 +136,14 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, context: torch.Tensor, device: torch.device,
-                   batch_size: int, speed: Speed, asymmetry: bool = False) -> torch.Tensor:
+                   batch_size: int, speed: Speed) -> torch.Tensor:
     """Logits (N, H, W) float32 on `device` of the N slices whose context indices into images (M, C, H, W) are the
     rows of `context` (N, K) (data.context_index), in batches of batch_size, each built only when it is run.
-    The last batch is zero-padded to the full size, so a compiled model sees one shape and never recompiles.
-    With asymmetry, each channel's left-right mirror difference is appended (data.with_asymmetry), as in training."""
+    The last batch is zero-padded to the full size, so a compiled model sees one shape and never recompiles."""
     model.eval()
     outs = []
     for i in range(0, context.shape[0], batch_size):
         x = data.with_context(images, context[i:i + batch_size]).to(device, non_blocking=True).float()
-        if asymmetry:
-            x = data.with_asymmetry(x)
         n = x.shape[0]
         if n < batch_size and context.shape[0] > batch_size:
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_size - n))
@@ -160,90 +162,113 @@ class Predictor:
     """One model or an ensemble, with the preprocessing it was trained with and its post-processing."""
 
     models: list[torch.nn.Module]
-    channels: list[int]       # indices into data.CHANNELS
-    context: int              # neighbour slices on each side
-    context_step: int         # slices between neighbours
+    channels: list[int]  # indices into data.CHANNELS
+    context: int         # neighbour slices on each side
     size: int
     crop: bool
     device: torch.device
     speed: Speed
     batch_size: int = 32
-    tta: bool = False          # average over the four flips
-    modality_tta: bool = False  # also average over the views with one modality set to 0 (see probs)
-    asymmetry: bool = False    # the model reads each channel's difference from its left-right mirror too
-    planes: int = 1            # 3: also run on the slices across H and W (data.to_planes), the three averaged
+    tta: bool = False    # average over the four flips
     threshold: float = 0.5
     min_component: int = 0
     largest_3d: bool = False
 
     @classmethod
     def from_checkpoints(cls, paths: list[Path], device: torch.device, batch_size: int = 32, tta: bool = False,
-                         speed: Speed | None = None, modality_tta: bool = False) -> "Predictor":
+                         speed: Speed | None = None) -> "Predictor":
         """Load one checkpoint or an ensemble (which must share preprocessing). The ensemble's post-processing is
         the median threshold and minimum component of its members, largest-3D by majority."""
         loaded = [load_checkpoint(p, device) for p in paths]
         ckpts = [c for _, c in loaded]
-        prep = [(list(c["channels"]), c["context"], c.get("context_step", 1), c["size"], c["crop"],
-                 c.get("asymmetry", False), c.get("planes", 1)) for c in ckpts]
+        prep = [(list(c["channels"]), c["context"], c["size"], c["crop"]) for c in ckpts]
         if any(p != prep[0] for p in prep):
-            raise data.UserError(f"checkpoints disagree on channels/context/context step/size/crop/asymmetry/planes: "
-                                 f"{prep}: an ensemble needs one preprocessing")
+            raise data.UserError(f"checkpoints disagree on channels/context/size/crop: {prep}: an ensemble needs one "
+                                 f"preprocessing")
         config = ckpts[0].get("config", {})  # the run's own amp / channels_last settings, resolved for this device
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]
-        channels, context, context_step, size, crop, asymmetry, planes = prep[0]
-        return cls(models, channels, context, context_step, size, crop, device, speed, batch_size, tta, modality_tta,
-                   asymmetry, planes, threshold=float(np.median([c["threshold"] for c in ckpts])),
+        return cls(models, *prep[0], device, speed, batch_size, tta,
+                   threshold=float(np.median([c["threshold"] for c in ckpts])),
                    min_component=int(np.median([c["min_component"] for c in ckpts])),
                    largest_3d=2 * sum(bool(c["largest_3d"]) for c in ckpts) > len(ckpts))
-
-    def __post_init__(self) -> None:
-        if self.modality_tta and len(self.channels) < 2:
-            raise data.UserError("modality test-time augmentation needs more than one modality: this model reads "
-                                 f"only {', '.join(data.CHANNELS[c] for c in self.channels)}")
 
     @property
     def post(self) -> dict:
         return {"threshold": self.threshold, "min_component": self.min_component, "largest_3d": self.largest_3d}
 
-    def probs(self, images: np.ndarray, box: tuple[int, int, int], spacing: list[float] | tuple[float, ...]
-              ) -> np.ndarray:
-        """Tumour probabilities (S, 240, 240) float16 of one volume's preprocessed slices (S, 4, size, size)
-        (as data.preprocess_volume or the cache give them; spacing (x_mm, y_mm, z_mm)), averaged over models (and
-        flips), and with planes=3 over the slices across z, H and W, each mapped back to the slices across z. With
-        modality_tta, also over the views of each slice with one modality set to 0 on every context slice, as
-        modality dropout does in training (data.augment): all modalities, then each missing in turn."""
+    def probs(self, images: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+        """Tumour probabilities (S, 240, 240) float16 of one volume's preprocessed slices (S, 4, size, size) (as
+        data.preprocess_volume or the cache give them), averaged over the models (and the flips)."""
         x = torch.from_numpy(np.ascontiguousarray(images[:, self.channels]))
-        stacks = [(x, lambda logits: logits)]  # (slices, their logits back on the slices across z)
-        if self.planes == 3:
-            depth = data.plane_depth(len(x), box[2], self.size, spacing)
-            for across, stack in zip("HW", data.to_planes(x, depth)):
-                stacks.append((stack, partial(data.from_plane, across=across, depth=depth, slices=len(x))))
+        context = data.context_index([len(x)], self.context)
         total, n = None, 0
-        for stack, back in stacks:
-            context = data.context_index([len(stack)], self.context, self.context_step)
-            views = [stack]
-            for k in range(stack.shape[1]) if self.modality_tta else ():
-                views.append(stack.clone())
-                views[-1][:, k] = 0
-            for model in self.models:
-                for dims in (FLIPS if self.tta else FLIPS[:1]):
-                    for view in views:
-                        logits = predict_logits(model, view.flip(dims) if dims else view, context, self.device,
-                                                self.batch_size, self.speed, self.asymmetry)
-                        logits = data.uncrop(back(logits.flip(dims) if dims else logits), tuple(box), fill=-math.inf)
-                        p = torch.sigmoid(logits)
-                        total, n = (p, 1) if total is None else (total + p, n + 1)
+        for model in self.models:
+            for dims in (FLIPS if self.tta else FLIPS[:1]):
+                logits = predict_logits(model, x.flip(dims) if dims else x, context, self.device, self.batch_size,
+                                        self.speed)
+                p = torch.sigmoid(data.uncrop(logits.flip(dims) if dims else logits, tuple(box), fill=-math.inf))
+                total, n = (p, 1) if total is None else (total + p, n + 1)
         return (total / n).half().cpu().numpy()
 
-    def segment(self, image: np.ndarray, spacing: list[float] | tuple[float, ...]) -> np.ndarray:
-        """Raw image (S, 240, 240, 4), spacing (x_mm, y_mm, z_mm) → boolean whole-tumour mask (S, 240, 240); slices
-        without brain are empty."""
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """Raw image (S, 240, 240, 4) → boolean whole-tumour mask (S, 240, 240); slices without brain are empty."""
         keep, images, box = data.preprocess_volume(image, self.size, self.crop)
         mask = np.zeros(image.shape[:3], bool)
         if len(keep):
-            mask[keep] = postprocess(self.probs(images, box, spacing).astype(np.float32), **self.post)
+            mask[keep] = postprocess(self.probs(images, box).astype(np.float32), **self.post)
         return mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: how train.py and bench/cv.py score a model on patients at 240 x 240
+
+
+def volume_probs(predictor: Predictor, cache: data.Cache, volume_ids: list[str]) -> dict[str, np.ndarray]:
+    """Per volume: the tumour probabilities (S, 240, 240) of its kept slices, from the cached inputs."""
+    return {vid: predictor.probs(cache.images(vid, mmap=True), cache.volume(vid)["box"]) for vid in volume_ids}
+
+
+def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tuple[dict, list[dict], dict]:
+    """Test metrics at 240 x 240: per-volume Dice (mean, std, min), IoU and HD95 (mm), per-slice Dice and IoU on
+    tumour slices, false-positive slices. Returns (summary, per-slice rows, post-processed masks per volume)."""
+    per_volume, slice_dice, slice_iou, fp, empty, records, masks = [], [], [], 0, 0, [], {}
+    for vid, p in probs.items():
+        meta, truth = cache.volume(vid), torch.from_numpy(cache.full_masks(vid).astype(bool))
+        pred = torch.from_numpy(postprocess(p.astype(np.float32), **post))
+        masks[vid] = pred.numpy()
+        dice, iou = metrics.dice_score(pred, truth), metrics.iou_score(pred, truth)
+        slice_dice += dice.tolist()
+        slice_iou += iou.tolist()
+        fp += metrics.false_positive_slices(pred, truth)
+        area = truth.flatten(1).sum(1)  # tumour pixels of each slice at 240 x 240
+        empty += int((area == 0).sum())
+        full_pred = np.zeros((meta["depth"], data.RAW_SIZE, data.RAW_SIZE), bool)  # dropped slices: no brain
+        full_true = np.zeros_like(full_pred)
+        full_pred[meta["slices"]], full_true[meta["slices"]] = pred.numpy(), truth.numpy()
+        x_mm, y_mm, z_mm = meta["spacing"]  # slices are stacked (z, x, y)
+        per_volume.append({"id": vid, "dice": metrics.dice_score(pred[None], truth[None]).item(),
+                           "iou": metrics.iou_score(pred[None], truth[None]).item(),
+                           "hd95_mm": metrics.hd95(full_pred, full_true, spacing=(z_mm, x_mm, y_mm)),
+                           "tumour_voxels": int(full_true.sum())})
+        records += [{"volume": vid, "slice": z, "dice": d, "area": a}
+                    for z, d, a in zip(meta["slices"], dice.tolist(), area.tolist())]
+    vols = [v["dice"] for v in per_volume]
+    summary = {
+        "volumes": len(per_volume),
+        "volume_dice": metrics.nanmean(vols),
+        "volume_dice_std": float(np.nanstd(vols)) if len(vols) else math.nan,
+        "volume_dice_min": float(np.nanmin(vols)) if len(vols) else math.nan,
+        "volume_iou": metrics.nanmean([v["iou"] for v in per_volume]),
+        "hd95_mm": metrics.nanmean([v["hd95_mm"] for v in per_volume]),
+        "slice_dice": metrics.nanmean(slice_dice),
+        "slice_iou": metrics.nanmean(slice_iou),
+        "tumour_slices": int(np.sum(~np.isnan(slice_dice))),
+        "empty_slices": empty,
+        "false_positive_slices": fp,
+        "per_volume": per_volume,
+    }
+    return summary, records, masks
 
 
 # ----------------------------------------------------------------------------------------------------------

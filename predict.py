@@ -7,8 +7,7 @@ Each CASE_DIR holds <case>_{flair,t1,t1ce,t2}.nii[.gz] (BraTS 2018-2020 naming).
 preprocessing (size, crop, channels, context) and post-processing (threshold, minimum component size, and the
 largest 3D component when the checkpoint asks for it) are applied, exactly as in train.py's evaluation. Several
 checkpoints (e.g. the folds of a cross-validation) are an ensemble: their probabilities are averaged; --tta on
-also averages the four flips of each slice, --modality-tta on the five views of it with none or one modality set
-to 0 (for models trained with --modality-dropout). Per case:
+also averages the four flips of each slice. Per case:
 OUT/<case>.nii.gz (uint8 0/1, the FLAIR's shape, affine and header) and OUT/<case>.png (FLAIR slices with the
 predicted outline, and the label's when a <case>_seg file is present, in which case Dice, IoU and HD95 of the
 whole tumour are printed too, and the share of each BraTS label (core, oedema, enhancing) the mask covers). A bad
@@ -42,9 +41,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--tta", default="off", choices=["on", "off"], help="also average over flipped slices (4x the work)")
-    p.add_argument("--modality-tta", default="off", choices=["on", "off"],
-                   help="also average over the views with one modality set to 0, as --modality-dropout trains "
-                        "(5x the work)")
     p.add_argument("--threshold", type=float, default=None, help="override the checkpoint's probability threshold")
     p.add_argument("--min-component", type=int, default=None, help="override the checkpoint's minimum 2D component size")
     p.add_argument("--largest-3d", default=None, choices=["on", "off"], help="override the checkpoint's largest-3D rule")
@@ -57,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_predictor(args: argparse.Namespace) -> inference.Predictor:
     """The checkpoint(s) with their post-processing, or the one given on the command line."""
     predictor = inference.Predictor.from_checkpoints(args.ckpt, inference.resolve_device(args.device), args.batch_size,
-                                                     tta=args.tta == "on", modality_tta=args.modality_tta == "on")
+                                                     tta=args.tta == "on")
     overrides = {k: v for k, v in (("threshold", args.threshold), ("min_component", args.min_component),
                                    ("largest_3d", None if args.largest_3d is None else args.largest_3d == "on"))
                  if v is not None}
@@ -89,7 +85,7 @@ def predict_case(predictor: inference.Predictor, case_dir: Path, out: Path) -> l
     if not case_dir.is_dir():
         raise data.DataError(f"{case_dir}: not a folder")
     image, label, affine, spacing = data.read_nifti_case(case_dir, need_label=False)
-    pred = predictor.segment(image, spacing)  # (z, x, y)
+    pred = predictor.segment(image)  # (z, x, y)
     voxel_ml = float(np.prod(spacing[:3])) / 1000.0
     nii, png = out / f"{name}.nii.gz", out / f"{name}.png"
     write_nifti(pred.transpose(1, 2, 0), case_dir, affine, nii)

@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import data
@@ -39,7 +37,7 @@ from fused_dice import dice_bce_loss
 from unet import UNet, UNetConfig, count_parameters
 
 ON_OFF, AUTO_ON_OFF = ("on", "off"), ("auto", "on", "off")
-MODALITIES, PLANES, CACHE_DIR = data.CHANNELS, data.PLANES, data.default_cache_dir()  # a field below is named `data`
+MODALITIES, INTENSITY, CACHE_DIR = data.CHANNELS, data.INTENSITY, data.default_cache_dir()  # a field below is named `data`
 
 
 def option(default, help: str, choices: tuple | None = None, type=None):
@@ -54,17 +52,10 @@ class TrainConfig:
                                  "(official BraTS case folders)")
     channel: int | None = option(None, f"train on one modality only, an index into {MODALITIES} (0 = FLAIR); "
                                        "None: all four", type=int)
-    context: int = option(0, "neighbouring slices on each side stacked as extra input channels (2.5D); 0: the slice alone")
-    context_step: int = option(1, "slices between the context's neighbours (z ± STEP, z ± 2·STEP, ..): a wider view "
-                                  "in z for the same channels")
-    asymmetry: str = option("off", "also read each input channel's difference from its left-right mirror image (the "
-                                   "other hemisphere), where a lesion faint against its own brain may still stand out",
-                            ON_OFF)
-    planes: int = option(1, "1: train and predict on the slices across z (axial) only; 3: also across H and W "
-                            "(sagittal and coronal, z resampled to square pixels): each patient gives about three "
-                            "times the slices (an epoch is that much longer), and prediction averages the three",
-                         PLANES)
-    size: int = option(240, "slices are resized to SIZE x SIZE pixels for training")
+    context: int = option(1, "neighbouring slices on each side stacked as extra input channels (2.5D); 0: the slice "
+                             "alone")
+    size: int = option(240, "slices are resized to SIZE x SIZE pixels for training (unmeasured guess for a GPU: the "
+                            "original work's; the sample recipe uses 128)")
     crop: str = option("on", "crop each volume to its brain's box before resizing, so the SIZE pixels span the brain",
                        ON_OFF)
     folds: int = option(0, "K-fold cross-validation by patient: fold --fold is the test set, the next fold the "
@@ -80,54 +71,36 @@ class TrainConfig:
     cache_dir: str | None = option(None, f"preprocessed arrays are cached here; None: $BRATS_CACHE, else "
                                          f"~/.cache/brats-unet (here {CACHE_DIR})", type=str)
     # model
-    base: int = option(32, "U-Net width at the first level (doubles at each level down)")
+    base: int = option(32, "U-Net width at the first level, doubling at each level down (unmeasured guess for a "
+                           "GPU; the sample recipe uses 16)")
     depth: int = option(4, "down-sampling steps of the U-Net")
-    norm: str = option("batch", "normalisation layer", ("batch", "instance", "group", "none"))
-    deep_supervision: int = option(0, "deep supervision (nnU-Net): 1x1 logit heads on this many more decoder levels "
-                                      "(1/2, 1/4, .. of the size) trained on the area-averaged mask, loss weights 1, "
-                                      "1/2, 1/4, .. normalised; used in training only; 0: off")
+    norm: str = option("instance", "normalisation layer", ("instance", "batch", "group", "none"))
     # optimisation
-    epochs: int = option(40, "epochs at most")
+    epochs: int = option(40, "epochs at most (unmeasured guess for a GPU; the sample recipe uses 16)")
     time_budget: float = option(0.0, "minutes of wall clock for set-up and training (the test phase follows): after the "
                                      "first epoch the run keeps the epochs that fit (at most --epochs) and lays the "
                                      "schedule over them; it prints the count and keeps it in metrics.json, and "
                                      "--epochs COUNT without a budget reproduces the run; 0: no budget")
-    batch_size: int = option(32, "slices per batch (per process under torchrun)")
+    batch_size: int = option(32, "slices per batch, per process under torchrun (unmeasured guess for a GPU; the "
+                                 "sample recipe uses 16)")
     lr: float = option(2e-3, "peak AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     warmup: float = option(1.0, "epochs of linear warm-up before the cosine decay to 1%% of --lr")
-    ema: float = option(0.0, "an exponential moving average of the weights (Polyak) with a time constant of this many "
-                             "epochs (each step: average += (weights - average) / (EMA x batches an epoch)) is what "
-                             "is validated, kept in best.pt and tested; 0: off, the trained weights themselves")
-    patience: int = option(8, "stop after this many epochs without a better validation Dice; 0: never stop early")
-    select: str = option("best", "the model kept as best.pt and tested: the epoch with the best validation Dice, or "
-                                 "the last epoch (a schedule annealed to its end)", ("best", "last"))
+    patience: int = option(0, "stop after this many epochs without a better validation Dice; 0: never stop early")
+    select: str = option("last", "the model kept as best.pt and tested: the last epoch (a schedule annealed to its "
+                                 "end), or the epoch with the best validation Dice", ("last", "best"))
     postprocess: str = option("val", "post-processing of the test predictions: val chooses the threshold, the "
                                      "smallest 2D component kept (pixels at 240x240) and the largest-3D rule on the "
                                      "validation patients; or fixed as THRESHOLD,MIN_PIXELS,on|off (e.g. 0.3,50,on)")
-    loss_mode: str = option("batch", "Dice over the whole batch, or per image then averaged", ("batch", "image"))
     bce_weight: float = option(1.0, "weight of BCE in the loss")
     dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
-    boundary_weight: float = option(1.0, "BCE weight of the pixels near the tumour's edge (within --boundary-width "
-                                         "pixels of the other class, on either side); 1: off")
-    boundary_width: int = option(3, "half-width in pixels, at the training --size, of the band --boundary-weight "
-                                    "weighs")
-    tumour_weight: float = option(1.0, "BCE weight of the tumour's pixels (a missed tumour pixel costs this many "
-                                       "times a false positive; the recipe's misses are under-segmentation); 1: off")
-    # sampling and augmentation (on the device)
-    oversample: float = option(1.0, "slices at the tumour's extremities (less tumour than a quarter of the volume's "
-                                    "largest section) drawn this many times as often as the others (epochs of as "
-                                    "many draws, with replacement); 1: every slice once an epoch")
-    augment: str = option("on", "random flips, 90 degree rotations, intensity scale/shift", ON_OFF)
-    affine: str = option("off", "also a small random rotation (±15°) and zoom (±10%%)", ON_OFF)
-    intensity: float = option(0.1, "brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY")
-    lesion_fade: float = option(0.0, "in half the samples, the tumour pulled toward the mean of the slice's other "
-                                     "brain pixels, to 1 - LESION_FADE .. 1 of its contrast, drawn per modality "
-                                     "(faint oedema and cores); 0: off")
-    modality_dropout: float = option(0.0, "this fraction of the samples loses one modality, drawn at random (set to "
+    # augmentation (on the device)
+    augment: str = option("on", f"random flips, 90 degree rotations, brain intensities scaled by 1 ± {INTENSITY} and "
+                                f"shifted by ± {INTENSITY}", ON_OFF)
+    modality_dropout: float = option(0.5, "this fraction of the samples loses one modality, drawn at random (set to "
                                           "0 on every context slice), so a tumour faint in one is found from the "
-                                          "others; 0: off")
-    # speed: each trick one flag, so bench/train.py can ablate them
+                                          "others; 0: off (the default with --channel)")
+    # speed: each trick one flag, so bench/throughput.py can ablate them
     resident: str = option("on", "training slices in device memory, batches by indexing; off: DataLoader workers read "
                                  "the disk cache", ON_OFF)
     workers: int = option(2, "DataLoader workers with --resident off")
@@ -157,7 +130,9 @@ RESUME_MAY_CHANGE = ("device", "workers", "cache_dir", "resume", "overwrite")  #
 def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """Flags from TrainConfig's fields, their help from each field's documentation. defaults=False: a flag not
     given on the command line is absent from the result (to tell what the user asked for)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults are the recipe measured on the BraTS "
+                                "sample (records/README.md), except those marked as unmeasured guesses for a GPU.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(TrainConfig):
         meta = f.metadata
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default if defaults else argparse.SUPPRESS,
@@ -169,8 +144,11 @@ def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The run's config; with --resume, the stopped run's own config. Bad values are a UserError."""
     cfg = TrainConfig(**vars(make_parser().parse_args(argv)))
+    given = vars(make_parser(defaults=False).parse_args(argv))
     if cfg.resume:
-        cfg = resumed_config(Path(cfg.resume), vars(make_parser(defaults=False).parse_args(argv)))
+        cfg = resumed_config(Path(cfg.resume), given)
+    elif cfg.channel is not None and "modality_dropout" not in given:  # one modality: nothing to drop
+        cfg = dataclasses.replace(cfg, modality_dropout=0.0)
     check_config(cfg)
     return cfg
 
@@ -194,30 +172,20 @@ def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise a UserError naming the first flag with a bad value."""
-    for name in ("size", "epochs", "batch_size", "base", "depth", "context_step", "boundary_width"):
+    for name in ("size", "epochs", "batch_size", "base", "depth"):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("patience", "context", "workers", "folds", "warmup", "ema", "weight_decay", "time_budget", "seed",
+    for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget", "seed",
                  "train_seed", "train_patients"):
         value = getattr(cfg, name)
         if value is not None and value < 0:  # None: --train-seed not given
             raise data.UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
-    if not 0 <= cfg.deep_supervision < cfg.depth:
-        raise data.UserError(f"--deep-supervision must be in 0..{cfg.depth - 1} with --depth {cfg.depth} (one head per "
-                             f"decoder level below the output), got {cfg.deep_supervision}")
     if not cfg.lr > 0:
         raise data.UserError(f"--lr must be positive, got {cfg.lr}")
-    for name in ("boundary_weight", "tumour_weight"):
-        if not 0 < getattr(cfg, name) < math.inf:
-            raise data.UserError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(cfg, name)}")
-    if not 0 <= cfg.lesion_fade <= 1:
-        raise data.UserError(f"--lesion-fade must be in 0..1 (0: off), got {cfg.lesion_fade}")
     if not 0 <= cfg.modality_dropout <= 1:
         raise data.UserError(f"--modality-dropout must be in 0..1 (0: off), got {cfg.modality_dropout}")
     if cfg.modality_dropout and cfg.channel is not None:
         raise data.UserError("--modality-dropout needs more than one modality: it cannot be used with --channel")
-    if not 0 < cfg.oversample < math.inf:
-        raise data.UserError(f"--oversample must be positive and finite, got {cfg.oversample}")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
         raise data.UserError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:
@@ -353,16 +321,12 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     n_train = sum(len(cache.volume(v)["slices"]) for v in trained_on)
     if n_train == 0 or counts["val"] == 0:
         raise data.DataError("no slices with brain in the training or validation volumes")
-    if cfg.asymmetry == "on":
-        check_left_right(cache, trained_on)
     batch_size = min(cfg.batch_size, n_train // run.world)
     batches = data.TrainBatches(
-        cache, trained_on, channels, run.device, batch_size, context=cfg.context, context_step=cfg.context_step,
-        resident=cfg.resident == "on", workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world,
-        augment=cfg.augment == "on", affine=cfg.affine == "on", intensity=cfg.intensity,
-        lesion_fade=cfg.lesion_fade, oversample=cfg.oversample, modality_dropout=cfg.modality_dropout,
-        asymmetry=cfg.asymmetry == "on", planes=cfg.planes)
-    val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device, cfg.context_step)
+        cache, trained_on, channels, run.device, batch_size, context=cfg.context, resident=cfg.resident == "on",
+        workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world, augment=cfg.augment == "on",
+        modality_dropout=cfg.modality_dropout)
+    val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
                              f"chosen on them (--select best / --postprocess val): use more volumes or another --seed")
@@ -374,33 +338,13 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
         print(f"data: {len(cache.volume_ids)} volumes, {cache.meta['kept']} slices with brain ({cache.meta['dropped']} "
               f"without brain dropped); split by patient {len(split['train'])}/{len(split['val'])}/{len(split['test'])} "
               f"volumes ({counts['train']}/{counts['val']}/{counts['test']} slices); channels "
-              f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context} (step {cfg.context_step}), crop {cfg.crop}, "
-              f"asymmetry {cfg.asymmetry}, planes {cfg.planes}")
-        if cfg.planes == 3:
-            print(f"planes 3: {batches.n} training slices across z, H and W; the validation curve is of the slices "
-                  f"across z, the test of the three averaged")
+              f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context}, crop {cfg.crop}")
         if cfg.train_patients:
             print(f"training on {len(trained_on)} of the patients: {', '.join(trained_on)} ({n_train} slices)")
         if cfg.train_on == "train+val":
             print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
                   f"of patients trained on")
-        if batches.weights is not None:
-            extremity = batches.weights != 1
-            share = float(batches.weights[extremity].sum() / batches.weights.sum())
-            print(f"oversampling: {int(extremity.sum())} of {n_train} training slices cut a tumour's extremity, drawn "
-                  f"{cfg.oversample:g}x as often ({share:.0%} of the draws)")
     return cache, split, batches, val_set
-
-
-def check_left_right(cache: data.Cache, volume_ids: list[str]) -> None:
-    """--asymmetry mirrors each slice across data.LEFT_RIGHT_DIM: refuse a source whose brains are not symmetric
-    across it (another orientation), which would feed the model a difference of unrelated places."""
-    brain = np.concatenate([(cache.images(v, mmap=True) != 0).any(1) for v in volume_ids])
-    across_h, across_w = data.mirror_overlap(brain)
-    if (across_h, across_w)[data.LEFT_RIGHT_DIM + 2] < max(across_h, across_w):
-        raise data.DataError(f"--asymmetry on: the training brains overlap their mirror image by {across_h:.2f} across H "
-                             f"and {across_w:.2f} across W, so left-right is not the axis data.LEFT_RIGHT_DIM "
-                             f"({data.LEFT_RIGHT_DIM}) assumes: this source's slices are in another orientation")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,9 +352,8 @@ def check_left_right(cache: data.Cache, volume_ids: list[str]) -> None:
 
 
 def build_model(cfg: TrainConfig) -> UNet:
-    inputs = len(channel_list(cfg.channel)) * (2 * cfg.context + 1) * (2 if cfg.asymmetry == "on" else 1)
-    return UNet(UNetConfig(in_channels=inputs, base=cfg.base,
-                           depth=cfg.depth, norm=cfg.norm, deep_supervision=cfg.deep_supervision))
+    inputs = len(channel_list(cfg.channel)) * (2 * cfg.context + 1)
+    return UNet(UNetConfig(in_channels=inputs, base=cfg.base, depth=cfg.depth, norm=cfg.norm))
 
 
 @dataclass
@@ -435,71 +378,24 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(total_steps, warmup_steps))
 
 
-def make_ema(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> AveragedModel | None:
-    """--ema: the weights' exponential moving average, a time constant of cfg.ema epochs (None when off). It starts
-    as the weights after the first step; buffers are averaged too, so BatchNorm's statistics follow its weights."""
-    if not cfg.ema:
-        return None
-    decay = max(0.0, 1 - 1 / (cfg.ema * steps_per_epoch))  # a time constant under one step: the weights themselves
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
 def epochs_in_budget(budget_s: float, elapsed_s: float, epoch_s: float, max_epochs: int) -> int:
     """--time-budget: the first epoch (done, epoch_s long, elapsed_s since the start) and as many more of its length
     as end within budget_s of the start; at least 1, at most max_epochs."""
     return max(1, min(max_epochs, 1 + int((budget_s - elapsed_s) // epoch_s)))
 
 
-def boundary_weights(target: torch.Tensor, weight: float, width: int) -> torch.Tensor | None:
-    """Per-pixel BCE weights of masks (N, 1, H, W): `weight` on the pixels within `width` pixels (a square
-    window) of the other class, i.e. a band on both sides of the tumour's edge, 1 elsewhere; None when
-    `weight` is 1. The frame's border is no edge (max-pooling pads with -inf)."""
-    if weight == 1:
-        return None
-    y = target.float()
-    window = 2 * width + 1
-    grown = F.max_pool2d(y, window, stride=1, padding=width)
-    shrunk = -F.max_pool2d(-y, window, stride=1, padding=width)
-    return 1 + (weight - 1) * (grown - shrunk)  # grown - shrunk: 1 where the window holds both classes
-
-
-def bce_weights(target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor | None:
-    """Per-pixel BCE weights of masks (N, 1, H, W): the edge band's --boundary-weight times --tumour-weight on the
-    tumour; None when both are 1."""
-    edge = boundary_weights(target, cfg.boundary_weight, cfg.boundary_width)
-    if cfg.tumour_weight == 1:
-        return edge
-    tumour = 1 + (cfg.tumour_weight - 1) * target.float()
-    return tumour if edge is None else edge * tumour
-
-
-def training_loss(logits: torch.Tensor, aux_logits: list[torch.Tensor], target: torch.Tensor,
-                  cfg: TrainConfig) -> torch.Tensor:
-    """Dice + BCE of the full-size logits, its BCE weighted by `bce_weights` (edge band, tumour); plus
-    (deep supervision) that of each auxiliary head against the mask area-averaged to its size (the tumour
-    fraction of each cell: a soft target), weighted 1, 1/2, 1/4, .. and normalised to sum 1 as in nnU-Net.
-    Without auxiliary heads and BCE weights it is the plain loss."""
-    weights = [0.5**i for i in range(len(aux_logits) + 1)]
-    weights = [w / sum(weights) for w in weights]
-    outputs = [logits, *aux_logits]
-    targets = [target, *(F.adaptive_avg_pool2d(target.float(), a.shape[-2:]) for a in aux_logits)]
-    pixel_weights = [bce_weights(target, cfg)] + [None] * len(aux_logits)
-    return sum(w * dice_bce_loss(out, t, mode=cfg.loss_mode, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                                 weight=pw, backend=cfg.loss_backend)
-               for w, out, t, pw in zip(weights, outputs, targets, pixel_weights))
-
-
 def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
-                    cfg: TrainConfig, device: torch.device, speed: inference.Speed, ema: AveragedModel | None = None):
+                    cfg: TrainConfig, device: torch.device, speed: inference.Speed):
     """One optimisation step `train_step(x, y) -> (loss, detached logits)` with the fast-path tricks in `speed`:
     channels_last input, autocast (fp16 needs an enabled GradScaler), torch.compile of forward + loss (the fused
-    loss is one custom op inside the graph); then the weights' moving average, if any, takes the step in. No host
-    synchronisation: loss and logits stay on the device."""
+    loss is one custom op inside the graph). No host synchronisation: loss and logits stay on the device."""
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
-            logits, aux_logits = model(x, aux=True) if cfg.deep_supervision else (model(x), [])
-        return training_loss(logits, aux_logits, y, cfg), logits.detach()
+            logits = model(x)
+        loss = dice_bce_loss(logits, y, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+                             backend=cfg.loss_backend)
+        return loss, logits.detach()
 
     forward = torch.compile(forward_loss) if speed.compile else forward_loss
 
@@ -512,8 +408,6 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
         return loss, logits
 
     return train_step
@@ -623,13 +517,12 @@ def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, pr
 
 @torch.inference_mode()
 def validate(model: torch.nn.Module, val_set: data.SliceSet, cfg: TrainConfig, run: Run, batch_size: int) -> dict:
-    """Validation loss (the plain Dice + BCE of the output: no edge or tumour weights, no deep-supervision heads),
-    and Dice and IoU per volume (mean over volumes) at the training size and threshold 0.5."""
-    logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed,
-                                      cfg.asymmetry == "on")
+    """Validation loss (Dice + BCE), and Dice and IoU per volume (mean over volumes) at the training size and
+    threshold 0.5."""
+    logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed)
     masks = val_set.masks.to(run.device)
-    loss = dice_bce_loss(logits.unsqueeze(1), masks.unsqueeze(1), mode=cfg.loss_mode, bce_weight=cfg.bce_weight,
-                         dice_weight=cfg.dice_weight, backend="torch")
+    loss = dice_bce_loss(logits.unsqueeze(1), masks.unsqueeze(1), bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+                         backend="torch")
     per_slice = metrics.counts(logits > 0, masks)
     volume = val_set.volume.to(run.device)
     per_volume = [torch.zeros(len(val_set.volume_ids), dtype=torch.float64, device=run.device).index_add_(0, volume, c)
@@ -642,28 +535,24 @@ def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> di
     """What best.pt holds: weights, model and run config, preprocessing, and the post-processing (defaults until
     it is chosen on validation after training)."""
     return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
-            "channels": channel_list(cfg.channel), "context": cfg.context, "context_step": cfg.context_step,
-            "asymmetry": cfg.asymmetry == "on", "planes": cfg.planes,
-            "size": cfg.size, "crop": cfg.crop == "on",
+            "channels": channel_list(cfg.channel), "context": cfg.context, "size": cfg.size, "crop": cfg.crop == "on",
             "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
 
 
-def save_last(path: Path, model, optimizer, scheduler, scaler, ema: AveragedModel | None, progress: Progress) -> None:
+def save_last(path: Path, model, optimizer, scheduler, scaler, progress: Progress) -> None:
     """last.pt: everything needed to continue exactly (the batches and augmentations are functions of the seed,
     epoch and batch index, so they need no state)."""
     inference.save_checkpoint({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+        "scaler": scaler.state_dict(),
         "progress": asdict(progress), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, path)
 
 
-def load_last(path: Path, model, optimizer, scheduler, scaler, ema: AveragedModel | None) -> Progress:
+def load_last(path: Path, model, optimizer, scheduler, scaler) -> Progress:
     """Restore what save_last saved; the Progress to continue from."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -682,11 +571,9 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
     optimizer, scheduler = make_optimizer(model, cfg, run.device, cfg.epochs * len(batches),
                                           max(1, int(cfg.warmup * len(batches))))
     scaler = make_scaler(run.device, run.speed)
-    ema = make_ema(model, cfg, len(batches))
-    kept_model = ema.module if ema is not None else model
-    train_step = make_train_step(train_model, optimizer, scheduler, scaler, cfg, run.device, run.speed, ema)
-    eval_model = torch.compile(kept_model) if run.speed.compile else kept_model
-    progress = load_last(run.out / "last.pt", model, optimizer, scheduler, scaler, ema) if cfg.resume else Progress()
+    train_step = make_train_step(train_model, optimizer, scheduler, scaler, cfg, run.device, run.speed)
+    eval_model = torch.compile(model) if run.speed.compile else model
+    progress = load_last(run.out / "last.pt", model, optimizer, scheduler, scaler) if cfg.resume else Progress()
     progress.epochs = progress.epochs or cfg.epochs
     if run.master and cfg.resume:
         print(f"resuming {run.out} at epoch {progress.epoch}, batch {progress.batch} of {len(batches)}")
@@ -701,7 +588,7 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
                 record = {"epoch": epoch, **train_epoch(train_step, batches, epoch, run, progress, stop)}
             except Stopped as s:
                 if run.master:
-                    save_last(last, model, optimizer, scheduler, scaler, ema, progress)
+                    save_last(last, model, optimizer, scheduler, scaler, progress)
                     print(f"stopped by {signal.Signals(s.signum).name} at epoch {epoch}, batch {progress.batch}: "
                           f"resume with `python train.py --resume {run.out}`", file=sys.stderr)
                 raise
@@ -728,8 +615,8 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
                 with open(run.out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if improved or cfg.select == "last":
-                    inference.save_checkpoint(checkpoint(kept_model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
-                save_last(last, model, optimizer, scheduler, scaler, ema, progress)
+                    inference.save_checkpoint(checkpoint(model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
+                save_last(last, model, optimizer, scheduler, scaler, progress)
     if run.master and cfg.patience and progress.stale >= cfg.patience:
         best = max(progress.log, key=lambda r: r["val_dice"])
         print(f"early stop: no better validation Dice for {cfg.patience} epochs (best {best['val_dice']:.4f} at "
@@ -762,54 +649,6 @@ def fit_budget(cfg: TrainConfig, run: Run, epoch_s: float, steps_per_epoch: int,
 # Test: post-processing chosen on validation, then one look at the test patients, all at 240 x 240
 
 
-def volume_probs(predictor: inference.Predictor, cache: data.Cache, volume_ids: list[str]) -> dict[str, np.ndarray]:
-    """Per volume: the tumour probabilities (S, 240, 240) of its kept slices, from the cached inputs."""
-    return {vid: predictor.probs(cache.images(vid, mmap=True), cache.volume(vid)["box"], cache.volume(vid)["spacing"])
-            for vid in volume_ids}
-
-
-def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tuple[dict, list[dict], dict]:
-    """Test metrics at 240 x 240: per-volume Dice (mean, std, min), IoU and HD95 (mm), per-slice Dice and IoU on
-    tumour slices, false-positive slices. Returns (summary, per-slice rows, post-processed masks per volume)."""
-    per_volume, slice_dice, slice_iou, fp, empty, records, masks = [], [], [], 0, 0, [], {}
-    for vid, p in probs.items():
-        meta, truth = cache.volume(vid), torch.from_numpy(cache.full_masks(vid).astype(bool))
-        pred = torch.from_numpy(inference.postprocess(p.astype(np.float32), **post))
-        masks[vid] = pred.numpy()
-        dice, iou = metrics.dice_score(pred, truth), metrics.iou_score(pred, truth)
-        slice_dice += dice.tolist()
-        slice_iou += iou.tolist()
-        fp += metrics.false_positive_slices(pred, truth)
-        area = truth.flatten(1).sum(1)  # tumour pixels of each slice at 240 x 240
-        empty += int((area == 0).sum())
-        full_pred = np.zeros((meta["depth"], data.RAW_SIZE, data.RAW_SIZE), bool)  # dropped slices: no brain
-        full_true = np.zeros_like(full_pred)
-        full_pred[meta["slices"]], full_true[meta["slices"]] = pred.numpy(), truth.numpy()
-        x_mm, y_mm, z_mm = meta["spacing"]  # slices are stacked (z, x, y)
-        per_volume.append({"id": vid, "dice": metrics.dice_score(pred[None], truth[None]).item(),
-                           "iou": metrics.iou_score(pred[None], truth[None]).item(),
-                           "hd95_mm": metrics.hd95(full_pred, full_true, spacing=(z_mm, x_mm, y_mm)),
-                           "tumour_voxels": int(full_true.sum())})
-        records += [{"volume": vid, "slice": z, "dice": d, "area": a}
-                    for z, d, a in zip(meta["slices"], dice.tolist(), area.tolist())]
-    vols = [v["dice"] for v in per_volume]
-    summary = {
-        "volumes": len(per_volume),
-        "volume_dice": metrics.nanmean(vols),
-        "volume_dice_std": float(np.nanstd(vols)) if len(vols) else math.nan,
-        "volume_dice_min": float(np.nanmin(vols)) if len(vols) else math.nan,
-        "volume_iou": metrics.nanmean([v["iou"] for v in per_volume]),
-        "hd95_mm": metrics.nanmean([v["hd95_mm"] for v in per_volume]),
-        "slice_dice": metrics.nanmean(slice_dice),
-        "slice_iou": metrics.nanmean(slice_iou),
-        "tumour_slices": int(np.sum(~np.isnan(slice_dice))),
-        "empty_slices": empty,
-        "false_positive_slices": fp,
-        "per_volume": per_volume,
-    }
-    return summary, records, masks
-
-
 def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[dict],
          epochs: int) -> tuple[list[dict], dict, int]:
     """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
@@ -820,10 +659,10 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     post, val_best = parse_postprocess(cfg.postprocess), None
     if post is None:
         val_truth = {v: cache.full_masks(v) for v in split["val"]}
-        post, val_best = inference.choose_postprocessing(volume_probs(predictor, cache, split["val"]), val_truth)
+        post, val_best = inference.choose_postprocessing(inference.volume_probs(predictor, cache, split["val"]), val_truth)
     ckpt = torch.load(run.out / "best.pt", map_location="cpu", weights_only=True)
     inference.save_checkpoint({**ckpt, **post}, run.out / "best.pt")
-    summary, records, masks = evaluate(volume_probs(predictor, cache, split["test"]), cache, post)
+    summary, records, masks = inference.evaluate(inference.volume_probs(predictor, cache, split["test"]), cache, post)
     kept = ckpt["epoch"]
     result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "train_on": cfg.train_on, "best_epoch": kept,
               "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget, "data": cfg.data,

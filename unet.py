@@ -14,8 +14,7 @@ class UNetConfig:
     out_channels: int = 1  # one whole-tumour logit per pixel
     base: int = 32         # channels at the first level; doubles at each level down
     depth: int = 4         # number of down-sampling steps
-    norm: str = "batch"    # batch | instance | group | none
-    deep_supervision: int = 0  # extra 1x1 heads on the decoder levels at 1/2, 1/4, ... of the input (training only)
+    norm: str = "instance"  # instance | batch | group | none
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -56,11 +55,9 @@ class UNet(nn.Module):
         self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(cfg.depth)))
         self.up = nn.ModuleList(DoubleConv(2 * widths[i], widths[i], cfg.norm) for i in reversed(range(cfg.depth)))
         self.head = nn.Conv2d(widths[0], cfg.out_channels, 1)
-        # deep supervision (nnU-Net): a logit head on each of the next-finest decoder levels, finest first
-        self.aux_heads = nn.ModuleList(nn.Conv2d(widths[i], cfg.out_channels, 1) for i in range(1, cfg.deep_supervision + 1))
 
-    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits at the input size; with aux=True also the auxiliary heads' logits at 1/2, 1/4, ... of it."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, out_channels, H, W) at the input size."""
         h, w = x.shape[-2:]
         m = 2**self.cfg.depth
         pad_h, pad_w = (-h) % m, (-w) % m
@@ -71,17 +68,9 @@ class UNet(nn.Module):
             x = block(x if i == 0 else F.max_pool2d(x, 2))
             skips.append(x)
         x = skips.pop()
-        levels = []  # decoder outputs, coarsest first; kept only when the auxiliary heads need them
         for upsample, block in zip(self.upsample, self.up):
             x = block(torch.cat([skips.pop(), upsample(x)], dim=1))
-            if aux:
-                levels.append(x)
-        logits = self.head(x)[..., :h, :w]
-        if not aux:
-            return logits
-        aux_logits = [head(levels[-2 - i])[..., :-(-h // 2 ** (i + 1)), :-(-w // 2 ** (i + 1))]
-                      for i, head in enumerate(self.aux_heads)]
-        return logits, aux_logits
+        return self.head(x)[..., :h, :w]
 
 
 def count_parameters(model: nn.Module) -> int:

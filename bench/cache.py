@@ -36,8 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules; bench/ is the script's own
 
 import data  # noqa: E402
 from common import git_commit, machine, utc_now  # noqa: E402

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks (bench/loss.py, bench/train.py, bench/cache.py, bench/cpu_speed.py, ...): what ran, where, when.
+"""Helpers shared by the benchmarks (bench/loss.py, bench/throughput.py, bench/cache.py, bench/cpu_speed.py, ...): what ran, where, when.
 
 Every benchmark prints these in its header, so a number in bench/RESULTS.md can be traced to a commit,
 a machine and a date. torch is imported only inside the functions that need it.

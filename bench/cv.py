@@ -37,7 +37,6 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import inference  # noqa: E402
-import train  # noqa: E402
 from common import git_commit, machine, utc_now  # noqa: E402
 
 
@@ -71,7 +70,7 @@ def choose_postprocessing(args) -> str:
         cache_dir = cfg["cache_dir"] and REPO / cfg["cache_dir"]  # train.py ran in REPO
         cache = data.prepare(cfg["data"], cfg["size"], cache_dir, cfg["crop"] == "on")
         predictor = inference.Predictor.from_checkpoints([run / "best.pt"], device)
-        for vid, p in train.volume_probs(predictor, cache, split["val"]).items():
+        for vid, p in inference.volume_probs(predictor, cache, split["val"]).items():
             probs[f"{fold}/{vid}"], truth[f"{fold}/{vid}"] = p, cache.full_masks(vid)
         runs[fold] = (split["test"], predictor, cache, {v["id"]: v["dice"] for v in result["test"]["per_volume"]})
         print(f"fold {fold}: validation probabilities of {', '.join(split['val'])}", flush=True)
@@ -86,7 +85,7 @@ def choose_postprocessing(args) -> str:
     pooled, own = [], []
     for fold, (test_ids, predictor, cache, own_dice) in runs.items():
         post, text = rule([k for k in probs if k.split("/", 1)[1] not in test_ids])
-        summary = train.evaluate(train.volume_probs(predictor, cache, test_ids), cache, post)[0]
+        summary = inference.evaluate(inference.volume_probs(predictor, cache, test_ids), cache, post)[0]
         pooled += [v["dice"] for v in summary["per_volume"]]
         own += [own_dice[v["id"]] for v in summary["per_volume"]]
         lines.append(f"| fold {fold} (runs without its test patients) | {text} | "

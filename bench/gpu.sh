@@ -15,7 +15,7 @@
 # failed or was skipped for the budget. Times: measured on one H200 on 2026-12-04 (torch 2.11, triton 3.6), cold
 # = a fresh machine, warm = its compile caches filled by an earlier call; cold compiles dominate.
 #   a. environment: nvidia-smi, python/torch/triton versions, commit; a CUDA probe (60 s timeout)     ~8 s
-#   b. bench/train.py: the throughput ablation at 240 x 240, batch 64, base 32 (seed baseline → cache → resident →
+#   b. bench/throughput.py: the throughput ablation at 240 x 240, batch 64, base 32 (seed baseline → cache → resident →
 #      channels_last → bf16 → compile → fused loss), MFU, GPU busy and the top kernels of two rows; its report is
 #      rewritten before every row, so a timeout keeps the finished rows.   cold > 130 s (its two compiles), warm ~70 s
 #   c. bench/loss.py at B 64, 256, 1024: the fused loss against eager and compiled PyTorch; it exits 1 if the
@@ -80,14 +80,14 @@ export GIT_COMMIT=${GIT_COMMIT:-unknown}
 
 if [ "$DEVICE" = cpu ]; then  # the dry run: the same steps at tiny sizes
     PYTEST_ENV="TRITON_INTERPRET=1"
-    TRAIN_BENCH=(bench/train.py --device cpu --quick --rows seed,cache,resident,channels_last --workers 1)
+    THROUGHPUT_BENCH=(bench/throughput.py --device cpu --quick --rows seed,cache,resident,channels_last --workers 1)
     LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --repeats 1)
     E2E=(train.py --data synthetic:4x10 --size 32 --base 4 --depth 2 --batch-size 8 --epochs 2 --device cpu)
     CACHE_BENCH=(bench/cache.py --volumes 4 --distinct 1 --slices 20 --workers 2 --size 64 --no-floor)
     PYTEST_PARALLEL=()
 else
     PYTEST_ENV="TRITON_INTERPRET=0"
-    TRAIN_BENCH=(bench/train.py --device cuda --data synthetic:6x80 --workers 8)
+    THROUGHPUT_BENCH=(bench/throughput.py --device cuda --data synthetic:6x80 --workers 8)
     LOSS_BENCH=(bench/loss.py --device cuda --batches 64,256,1024)
     # step b's fused row: synthetic:6x80, 240 x 240 uncropped, batch 64, base 32, depth 4, every speed flag on auto
     E2E=(train.py --data synthetic:6x80 --size 240 --crop off --batch-size 64 --epochs 2 --device cuda)
@@ -166,7 +166,7 @@ fi
 echo | tee -a "$SUMMARY"
 
 # b-f ----------------------------------------------------------------------------------------------------------
-step b.throughput 150 "$OUT/train.log" "$PY" "${TRAIN_BENCH[@]}" --cache-dir "$WORK/cache" --out "$OUT/train.md"
+step b.throughput 150 "$OUT/train.log" "$PY" "${THROUGHPUT_BENCH[@]}" --cache-dir "$WORK/cache" --out "$OUT/train.md"
 step c.loss 30 "$OUT/loss.md" "$PY" "${LOSS_BENCH[@]}"
 rm -rf "$WORK/e2e"  # so a metrics.json found after step d is this run's
 step d.e2e 45 "$OUT/e2e.log" "$PY" "${E2E[@]}" --out "$WORK/e2e" --cache-dir "$WORK/cache" --overwrite on &&

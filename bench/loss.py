@@ -1,12 +1,12 @@
 """Benchmark the fused Triton Dice+BCE loss (forward + backward) against its alternatives.
 
-Compares, on logits of shape (B, 1, H, W) and a uint8 mask (~10% foreground), with --weight a per-pixel BCE
-weight map as well (train.py's --boundary-weight: 4 on a band around the mask's edges, 1 elsewhere):
+Compares, on logits of shape (B, 1, H, W) and a uint8 mask (~10% foreground), the loss train.py uses (one Dice
+over the whole batch, BCE the mean over elements):
   triton          fused_dice.dice_bce_loss(backend="triton")
   eager           the plain-PyTorch reference (backend="torch")
   compiled        torch.compile(reference, dynamic=False, fullgraph=True), at --compile-batches only
-  monai           MONAI's DiceCELoss(sigmoid=True), when monai is importable (a similar, not
-                  identical loss: it is here for speed only; not with --weight)
+  monai           MONAI's DiceCELoss(sigmoid=True, batch=True), when monai is importable (a similar,
+                  not identical loss: it is here for speed only)
 
 Three times per fwd+bwd call, because they answer different questions:
   call ms    median of single calls, each followed by a synchronize: the latency one call sees
@@ -16,8 +16,8 @@ Three times per fwd+bwd call, because they answer different questions:
              of flushes alone, divided by n. No launch overhead, no warm L2 (the B=256 working set
              would otherwise partly sit in the 50 MB L2). Falls back to triton.testing.do_bench
              (marked *) if an impl cannot be captured in a graph.
-The Triton row's GB/s counts the bytes it must move (fwd reads logits + mask [+ weights], bwd reads them
-again and writes the gradient) over its kernel time, as a % of a 256 MiB device copy timed the same way in the
+The Triton row's GB/s counts the bytes it must move (fwd reads logits + mask, bwd reads them again and
+writes the gradient) over its kernel time, as a % of a 256 MiB device copy timed the same way in the
 same run. At the end, a verdict for B=256: fused speed-up over the compiled reference (target >= 1.3x)
 and achieved bandwidth (target >= 60% of the copy).
 
@@ -31,7 +31,6 @@ with the eager reference beyond tolerance (the table is printed first).
 
     python bench/loss.py                      # CUDA: B in {16, 64, 256, 1024}, 240x240, bf16 + fp32
     python bench/loss.py --device cpu         # CPU, Triton in the interpreter, small sizes
-    python bench/loss.py --weight float32     # the weighted kernels (train.py --boundary-weight's float32 map)
 """
 
 from __future__ import annotations
@@ -45,8 +44,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
-sys.path.insert(0, REPO)  # first: `import train` is train.py, not bench/train.py
+sys.path.insert(0, REPO)  # the repository's modules; bench/ (common.py) is the script's own folder
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,9 +55,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--hw", type=int, default=None, help="image side (default 240 on cuda, 64 on cpu)")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated logits dtypes")
     ap.add_argument("--target-dtype", default="uint8", choices=["uint8", "bool", "float32"], help="mask dtype")
-    ap.add_argument("--mode", default="batch", choices=["batch", "image"])
-    ap.add_argument("--weight", default="none", choices=["none", "float32", "bfloat16"],
-                    help="per-pixel BCE weights of this dtype (the weighted kernels), or none (default: none)")
     ap.add_argument("--repeats", type=int, default=20, help="single calls timed for 'call ms' (default 20)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a small shared machine, multi-thread medians "
@@ -85,7 +80,6 @@ import triton.testing  # noqa: E402
 
 import data  # noqa: E402  (first_line)
 import fused_dice  # noqa: E402
-import train  # noqa: E402  (boundary_weights: the weight map --weight times)
 from common import git_commit, machine, sync, utc_now  # noqa: E402
 
 DEVICE = torch.device(ARGS.device)
@@ -229,34 +223,31 @@ def copy_bandwidth_gbs() -> tuple[float, float]:
 # implementations and checks
 
 
-def make_impls(mode: str, weighted: bool) -> dict:
-    """name -> loss(logits, target, weight), or a string saying why it is skipped. 'compiled' is built per row."""
+def make_impls() -> dict:
+    """name -> loss(logits, target), or a string saying why it is skipped. 'compiled' is built per row."""
 
-    def ref(x, y, w):
-        return fused_dice.dice_bce_loss(x, y, mode=mode, weight=w, backend="torch")
+    def ref(x, y):
+        return fused_dice.dice_bce_loss(x, y, backend="torch")
 
     impls = {
-        "triton": lambda x, y, w: fused_dice.dice_bce_loss(x, y, mode=mode, weight=w, backend="triton"),
+        "triton": lambda x, y: fused_dice.dice_bce_loss(x, y, backend="triton"),
         "eager": ref,
         "compiled": "skipped (--no-compile)" if ARGS.no_compile else ref,
     }
-    if weighted:  # MONAI's DiceCELoss weighs classes, not pixels
-        impls["monai"] = "skipped (--weight: MONAI's DiceCELoss has no per-pixel weights)"
-        return impls
     try:
         from monai.losses import DiceCELoss
 
-        monai_loss = DiceCELoss(sigmoid=True, batch=mode == "batch", smooth_nr=1.0, smooth_dr=1.0)
+        monai_loss = DiceCELoss(sigmoid=True, batch=True, smooth_nr=1.0, smooth_dr=1.0)
         # MONAI wants a float target of the logits' dtype; the conversion is done outside the timing
-        impls["monai"] = lambda x, y, w: monai_loss(x, y)
+        impls["monai"] = lambda x, y: monai_loss(x, y)
     except Exception as e:  # ImportError, or a MONAI version without these arguments
         impls["monai"] = f"skipped (monai not importable: {type(e).__name__})"
     return impls
 
 
-def loss_and_grad(loss_fn, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+def loss_and_grad(loss_fn, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
     x.grad = None
-    loss = loss_fn(x, y, w)
+    loss = loss_fn(x, y)
     loss.backward()
     grad, x.grad = x.grad, None
     return loss.item(), grad
@@ -287,7 +278,6 @@ def main() -> None:
     hw = ARGS.hw or (240 if CUDA else 64)
     dtypes = [DTYPES[d] for d in ARGS.dtypes.split(",")]
     tdtype = DTYPES[ARGS.target_dtype]
-    wdtype = None if ARGS.weight == "none" else DTYPES[ARGS.weight]
     if ARGS.compile_batches == "auto":
         compile_batches = {VERDICT_B if VERDICT_B in batches else max(batches)}
     elif ARGS.compile_batches == "all":
@@ -300,9 +290,9 @@ def main() -> None:
     print(f"machine: {machine(DEVICE)}")
     print(f"date: {utc_now()}")
     print(f"torch {torch.__version__}, triton {triton.__version__}, "
-          f"git commit {git_commit(('fused_dice.py', 'bench/loss.py', 'bench/common.py', 'train.py'))}")
+          f"git commit {git_commit(('fused_dice.py', 'bench/loss.py', 'bench/common.py'))}")
     print(f"device {DEVICE}{' (Triton in the CPU interpreter: times say nothing about a GPU)' if not CUDA else ''}, "
-          f"mode={ARGS.mode}, target dtype {ARGS.target_dtype}, BCE weights {ARGS.weight}, shape (B, 1, {hw}, {hw}), "
+          f"target dtype {ARGS.target_dtype}, shape (B, 1, {hw}, {hw}), "
           f"{ARGS.repeats} single calls per 'call ms'"
           + ("" if CUDA else f", {torch.get_num_threads()} torch thread(s)"))
     copy_gbs, copy_ms = copy_bandwidth_gbs()
@@ -310,7 +300,7 @@ def main() -> None:
           f"({copy_ms:.3f} ms per {(256 if CUDA else 32)} MiB)")
     print()
 
-    impls = make_impls(ARGS.mode, wdtype is not None)
+    impls = make_impls()
     NOTES.update(f"{k}: {v}" for k, v in impls.items() if isinstance(v, str))
     failures: list[str] = []
     results: dict[tuple[int, torch.dtype, str], dict] = {}
@@ -325,8 +315,6 @@ def main() -> None:
             x = torch.randn(shape, generator=gen, device=DEVICE).mul_(3).to(dtype).requires_grad_()
             y = (torch.rand(shape, generator=gen, device=DEVICE) < 0.1).to(tdtype)
             y_float = y.to(dtype) if not isinstance(impls["monai"], str) else None
-            # the map train.py --boundary-weight 4 --boundary-width 3 builds for this mask
-            w = None if wdtype is None else train.boundary_weights(y, 4.0, 3).to(wdtype)
             checked = {}  # "eager"/"triton" -> (loss, grad), compared below
             for name, loss_fn in impls.items():
                 if isinstance(loss_fn, str) or (name == "compiled" and b not in compile_batches):
@@ -337,15 +325,15 @@ def main() -> None:
                         torch._dynamo.reset()  # one fresh static compile per row: no recompile limit to hit
                         loss_fn = torch.compile(loss_fn, dynamic=False, fullgraph=True)
                         t0 = time.perf_counter()
-                        loss_and_grad(loss_fn, x, tgt, w)
+                        loss_and_grad(loss_fn, x, tgt)
                         sync(DEVICE)
                         compile_s = time.perf_counter() - t0
                         NOTES.add(f"compiled B={b} {name_dtype}: first fwd+bwd (the compile) took {compile_s:.1f} s")
 
                     def step(loss_fn=loss_fn, tgt=tgt):
-                        loss_fn(x, tgt, w).backward()
+                        loss_fn(x, tgt).backward()
 
-                    out = loss_and_grad(loss_fn, x, tgt, w)  # also the warm-up (Triton JIT, compile)
+                    out = loss_and_grad(loss_fn, x, tgt)  # also the warm-up (Triton JIT, compile)
                     loss_val = out[0]
                     if name in ("eager", "triton"):
                         checked[name] = out
@@ -366,9 +354,8 @@ def main() -> None:
                     x.grad = None
                     continue
                 gbs, pct, share = "-", "-", None
-                if name == "triton" and t_kernel > 0:  # fwd reads x, y (, w); bwd reads x, y (, w) and writes grad
-                    moved = x.numel() * (3 * x.element_size() + 2 * y.element_size()
-                                         + (0 if w is None else 2 * w.element_size()))
+                if name == "triton" and t_kernel > 0:  # fwd reads x, y; bwd reads x, y and writes grad
+                    moved = x.numel() * (3 * x.element_size() + 2 * y.element_size())
                     g = moved / (t_kernel * 1e-3) / 1e9
                     share = 100 * g / copy_gbs
                     gbs, pct = f"{g:.4g}", f"{share:.3g}%"
@@ -380,7 +367,7 @@ def main() -> None:
                 why = disagreement(dtype, checked["triton"], checked["eager"])
                 if why:
                     failures.append(f"triton disagrees with the reference at B={b} {name_dtype}: {why}")
-            del x, y, y_float, w, checked
+            del x, y, y_float, checked
             if CUDA:
                 gc.collect()
                 torch.cuda.empty_cache()

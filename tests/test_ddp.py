@@ -60,7 +60,7 @@ def free_port() -> int:
 def torchrun(script: str, tmp: Path, out: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_port", str(free_port()),
            script, "--data", DATA, "--size", str(SIZE), "--epochs", "1", "--base", "4", "--depth", "2",
-           "--batch-size", str(BATCH), "--device", "cpu", "--compile", "off", "--time-budget", "30", "--cache-dir", str(tmp), "--out", str(out)]
+           "--batch-size", str(BATCH), "--context", "0", "--device", "cpu", "--compile", "off", "--time-budget", "30", "--cache-dir", str(tmp), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "REPO": str(REPO), **(extra_env or {})}
     for attempt in range(2):  # a port taken between free_port() and torchrun's bind is the machine's fault: retry once
         try:

@@ -1,4 +1,4 @@
-"""Evaluation on hand-made inputs whose answers are computed by hand: train.evaluate (test metrics),
+"""Evaluation on hand-made inputs whose answers are computed by hand: inference.evaluate (test metrics),
 train.validate (per-volume validation Dice), inference.choose_postprocessing, and the connectivity of the
 post-processing."""
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_evaluate_by_hand(two_volumes):
         "A": np.stack([square(f, slice(100, 110), slice(100, 105)), square(f, slice(10, 13), slice(10, 13))]).astype(np.float16),
         "B": square(f, slice(50, 70), slice(50, 70))[None].astype(np.float16),
     }
-    summary, records, masks = train.evaluate(probs, two_volumes, {"threshold": 0.5, "min_component": 0, "largest_3d": False})
+    summary, records, masks = inference.evaluate(probs, two_volumes, {"threshold": 0.5, "min_component": 0, "largest_3d": False})
     a, b = summary["per_volume"]
     # A: |P| = 50 + 9, |T| = 100, |P∩T| = 50 → Dice 100 / 159, IoU 50 / 109 (the volume's, not its slices' mean)
     assert a["dice"] == pytest.approx(100 / 159, abs=1e-6) and a["iou"] == pytest.approx(50 / 109, abs=1e-6)

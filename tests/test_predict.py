@@ -113,9 +113,8 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
         kept["slices"], kept["images"], kept["box"] = preprocess(image, size, crop_to_brain)
         return kept["slices"], kept["images"], kept["box"]
 
-    def oracle_logits(model, images, context, device, batch_size, speed, asymmetry):
-        assert not asymmetry
-        assert torch.equal(images, torch.from_numpy(kept["images"][:, [2, 0]])) and context.shape == (len(images), 1)
+    def oracle_logits(model, images, context, device, batch_size, speed):
+        assert torch.equal(images, torch.from_numpy(kept["images"][:, [2, 0]])) and context.shape == (len(images), 2 * raw["context"] + 1)
         label = torch.from_numpy(truth.transpose(2, 0, 1)[kept["slices"]])  # (z, x, y) kept slices
         logits = torch.where(label, 20.0, -20.0)
         tumour_z = label.flatten(1).any(1)
@@ -171,33 +170,39 @@ def test_predict_reproduces_train_evaluation(sample_subset, tmp_path):
     assert inter / (p + t - inter) == pytest.approx(row["iou"], abs=1e-6)
 
 
-def test_the_context_step_travels_from_training_to_prediction(tmp_path, monkeypatch):
-    """A run trained with --context 1 --context-step 2 stores the step in best.pt, and the Predictor built from it
-    feeds the model each slice with the slices two away (hand-written rows for 5 slices, ends repeated); a
-    checkpoint from before the flag existed predicts with step 1, and an ensemble of the two is refused."""
+def test_the_context_travels_from_training_to_prediction_and_removed_levers_are_refused(tmp_path, monkeypatch):
+    """A run trained with --context 1 stores it in best.pt, and the Predictor built from it feeds the model each slice
+    with its neighbours (hand-written rows for 5 slices, ends repeated). A checkpoint that used a lever this version
+    no longer has (a context step, the mirror difference, three planes, deep supervision) is refused in one line
+    naming it, rather than predicted with the wrong inputs."""
     run = tmp_path / "run"
     assert train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
-                      "--batch-size", "4", "--context", "1", "--context-step", "2", "--device", "cpu",
+                      "--batch-size", "4", "--context", "1", "--device", "cpu",
                       "--cache-dir", str(tmp_path / "cache"), "--out", str(run)]) == 0
     raw = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
-    assert raw["context"] == 1 and raw["context_step"] == 2
+    assert raw["context"] == 1
     seen = []
 
-    def spy_logits(model, images, context, device, batch_size, speed, asymmetry):
+    def spy_logits(model, images, context, device, batch_size, speed):
         seen.append(context.tolist())
         return torch.zeros(len(context), images.shape[-2], images.shape[-1])
 
     monkeypatch.setattr(inference, "predict_logits", spy_logits)
     images = np.zeros((5, 4, 32, 32), np.float16)
-    inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu")).probs(images, (0, 0, 32), (1, 1, 1))
-    assert seen[-1] == [[0, 0, 2], [0, 1, 3], [0, 2, 4], [1, 3, 4], [2, 4, 4]]
-    del raw["context_step"]
-    old = tmp_path / "old.pt"
-    torch.save(raw, old)
-    inference.Predictor.from_checkpoints([old], torch.device("cpu")).probs(images, (0, 0, 32), (1, 1, 1))
+    inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu")).probs(images, (0, 0, 32))
     assert seen[-1] == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
-    with pytest.raises(data.UserError, match="context step"):
-        inference.Predictor.from_checkpoints([run / "best.pt", old], torch.device("cpu"))
+    for key, value in (("context_step", 2), ("asymmetry", True), ("planes", 3), ("unet", {**raw["unet"],
+                                                                                        "deep_supervision": 1})):
+        old = tmp_path / f"old_{key}.pt"
+        torch.save({**raw, key: value}, old)
+        with pytest.raises(data.UserError, match=f"trained with .*{'deep_supervision' if key == 'unet' else key}.*"
+                                                 f"no longer has: predict with commit 60d0b04"):
+            inference.Predictor.from_checkpoints([old], torch.device("cpu"))
+    earlier = tmp_path / "earlier.pt"  # what those checkpoints held when the levers were off: still loads
+    torch.save({**raw, "context_step": 1, "asymmetry": False, "planes": 1, "unet": {**raw["unet"], "deep_supervision": 0}},
+               earlier)
+    inference.Predictor.from_checkpoints([earlier], torch.device("cpu")).probs(images, (0, 0, 32))
+    assert seen[-1] == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
 
 
 def test_checkpoint_round_trips(ckpt):
@@ -210,7 +215,7 @@ def test_checkpoint_round_trips(ckpt):
     reference.eval()
     model, loaded = inference.load_checkpoint(ckpt, torch.device("cpu"))
     assert not model.training and loaded["threshold"] == raw["threshold"]
-    x = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, raw["unet"]["in_channels"], 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
         assert not torch.equal(model(x), train.build_model(train.TrainConfig(**raw["config"])).eval()(x))
@@ -253,18 +258,17 @@ class LinearWithRamp(torch.nn.Module):
 
 
 @pytest.mark.parametrize("tta,n_models", [(False, 1), (True, 2)])
-def test_modality_views_and_flips_average_against_a_float64_reference(tta, n_models):
-    """Predictor.probs with modality_tta averages sigmoid over five views (all modalities, then each set to 0 on
-    every context slice), with tta over the four flips undone, and over the models of an ensemble: checked against a
-    float64 loop written here (context 1, ends repeated, channels ordered neighbour by neighbour)."""
+def test_flips_and_models_average_against_a_float64_reference(tta, n_models):
+    """Predictor.probs averages sigmoid over the four flips undone (with tta) and over the models of an ensemble:
+    checked against a float64 loop written here (context 1, ends repeated, channels ordered neighbour by neighbour)."""
     s, size = 4, 8
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(s, 4, size, size, generator=gen).half()
     weights = [torch.randn(12, generator=gen).tolist() for _ in range(n_models)]  # 3 context slices x 4 modalities
     models = [LinearWithRamp(w, size) for w in weights]
-    predictor = inference.Predictor(models, [0, 1, 2, 3], 1, 1, size, False, torch.device("cpu"),
-                                     inference.Speed(None, False, False), batch_size=3, tta=tta, modality_tta=True)
-    got = predictor.probs(images.numpy(), (0, 0, size), (1, 1, 1))
+    predictor = inference.Predictor(models, [0, 1, 2, 3], 1, size, False, torch.device("cpu"),
+                                     inference.Speed(None, False, False), batch_size=3, tta=tta)
+    got = predictor.probs(images.numpy(), (0, 0, size))
     assert got.shape == (s, data.RAW_SIZE, data.RAW_SIZE)
 
     x = images.double().numpy()
@@ -274,99 +278,14 @@ def test_modality_views_and_flips_average_against_a_float64_reference(tta, n_mod
     for w in (np.array(m).reshape(3, 4) for m in weights):
         for z in range(s):
             neighbours = [max(z - 1, 0), z, min(z + 1, s - 1)]
-            for drop in (None, 0, 1, 2, 3):
-                logit = np.zeros((size, size))
-                for j, nz in enumerate(neighbours):
-                    for k in range(4):
-                        if k != drop:
-                            logit += w[j, k] * x[nz, k]
-                for flip_rows, flip_cols in flips:  # the model sees the flipped slice; its ramp does not flip
-                    r = ramp[:, ::-1] if flip_cols else ramp  # so undoing the flip mirrors the ramp alone
-                    expected[z] += 1 / (1 + np.exp(-(logit + r)))
-    expected /= 5 * len(flips) * n_models
+            logit = np.zeros((size, size))
+            for j, nz in enumerate(neighbours):
+                for k in range(4):
+                    logit += w[j, k] * x[nz, k]
+            for flip_rows, flip_cols in flips:  # the model sees the flipped slice; its ramp does not flip
+                r = ramp[:, ::-1] if flip_cols else ramp  # so undoing the flip mirrors the ramp alone
+                expected[z] += 1 / (1 + np.exp(-(logit + r)))
+    expected /= len(flips) * n_models
     np.testing.assert_allclose(got[:, :size, :size].astype(np.float64), expected, atol=2e-3)
     assert not got[:, size:, :].any() and not got[:, :, size:].any()  # outside the box: probability 0
 
-
-def test_modality_views_need_more_than_one_modality(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
-                      "--batch-size", "4", "--channel", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-                      "--out", str(run)]) == 0
-    capsys.readouterr()
-    rc = predict.cli(["--ckpt", str(run / "best.pt"), "--modality-tta", "on", "--out", str(tmp_path / "out"),
-                      "--device", "cpu", str(tmp_path)])
-    lines = nonempty_lines(capsys.readouterr().err)
-    assert rc == 2 and len(lines) == 1 and "more than one modality" in lines[0] and "flair" in lines[0], lines
-    assert not (tmp_path / "out").exists()
-
-
-def test_asymmetry_travels_from_training_to_prediction(tmp_path):
-    """A run trained with --asymmetry on stores it in best.pt, its model reads 8 channels (4 modalities and their
-    mirror differences), and the Predictor feeds it what training did: its probabilities equal the model's own
-    sigmoid on data.with_asymmetry of the slices. An ensemble with a model that reads 4 channels is refused."""
-    run, plain = tmp_path / "run", tmp_path / "plain"
-    for out, extra in ((run, ["--asymmetry", "on"]), (plain, [])):
-        assert train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
-                          "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-                          "--out", str(out), *extra]) == 0
-    raw = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
-    assert raw["asymmetry"] is True and raw["unet"]["in_channels"] == 8
-    fp32 = inference.Speed(None, False, False)
-    predictor = inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu"), speed=fp32)
-    images = np.random.default_rng(0).normal(size=(5, 4, 32, 32)).astype(np.float16)
-    probs = predictor.probs(images, (0, 0, 32), (1, 1, 1))
-    x = torch.from_numpy(images).double()
-    model = predictor.models[0].double()
-    with torch.no_grad():
-        expected = torch.sigmoid(model(torch.cat([x, x - x.flip(-2)], 1)))[:, 0].numpy()
-    np.testing.assert_allclose(probs[:, :32, :32], expected, atol=1e-3)  # float16 probabilities
-    assert (probs[:, 32:] == 0).all() and (probs[:, :, 32:] == 0).all()
-    with pytest.raises(data.UserError, match="asymmetry"):
-        inference.Predictor.from_checkpoints([run / "best.pt", plain / "best.pt"], torch.device("cpu"))
-
-
-def test_three_planes_average_the_views_against_a_float64_reference():
-    """planes=3: the probabilities average the model's sigmoid on the slices across z, H and W, each mapped back to
-    its voxel. The model's ramp runs along its input's width, which is W in the slices across z and H but H in the
-    slices across W, so a view mapped back along the wrong axis changes the average. Six 1 mm slices in a box of
-    8 px resized to 8: z is not resampled, and the reference is written voxel by voxel."""
-    s, size = 6, 8
-    gen = torch.Generator().manual_seed(3)
-    images = torch.randn(s, 4, size, size, generator=gen).half()
-    weights = torch.randn(4, generator=gen).tolist()
-    predictor = inference.Predictor([LinearWithRamp(weights, size)], [0, 1, 2, 3], 0, 1, size, False,
-                                    torch.device("cpu"), inference.Speed(None, False, False), batch_size=5, planes=3)
-    got = predictor.probs(images.numpy(), (0, 0, size), (1, 1, 1))
-    x, w = images.double().numpy(), np.array(weights)
-    ramp = np.linspace(-2, 2, size)
-    expected = np.zeros((s, size, size))
-    for z in range(s):
-        for h in range(size):
-            for col in range(size):
-                logit = float(w @ x[z, :, h, col])
-                sigmoid = [1 / (1 + np.exp(-(logit + r))) for r in (ramp[col], ramp[col], ramp[h])]  # z, H, W
-                expected[z, h, col] = sum(sigmoid) / 3
-    np.testing.assert_allclose(got[:, :size, :size].astype(np.float64), expected, atol=2e-3)
-    assert not got[:, size:, :].any() and not got[:, :, size:].any()
-
-
-def test_three_planes_travel_from_training_to_prediction(tmp_path, capsys):
-    """--planes 3 trains on each training patient's slices across z, H and W (32 across H and 32 across W at
-    --size 32, besides those across z), stores it in best.pt, and the Predictor loaded from it runs on the three;
-    an ensemble with a one-plane model is refused."""
-    run, plain = tmp_path / "run", tmp_path / "plain"
-    for out, extra in ((run, ["--planes", "3"]), (plain, [])):
-        assert train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
-                          "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-                          "--out", str(out), *extra]) == 0
-        if extra:
-            printed = capsys.readouterr().out
-            across_z = int(re.search(r"volumes \((\d+)/\d+/\d+ slices\)", printed).group(1))
-            patients = len(json.loads((run / "split.json").read_text())["train"])
-            assert f"planes 3: {across_z + 2 * 32 * patients} training slices across z, H and W" in printed
-    assert torch.load(run / "best.pt", map_location="cpu", weights_only=False)["planes"] == 3
-    assert inference.Predictor.from_checkpoints([run / "best.pt"], torch.device("cpu")).planes == 3
-    assert inference.Predictor.from_checkpoints([plain / "best.pt"], torch.device("cpu")).planes == 1
-    with pytest.raises(data.UserError, match="planes"):
-        inference.Predictor.from_checkpoints([run / "best.pt", plain / "best.pt"], torch.device("cpu"))

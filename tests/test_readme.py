@@ -70,7 +70,7 @@ def test_every_predict_command_parses():
 
 def test_every_flag_the_readme_names_exists():
     known = help_flags(train.make_parser().parse_args) | help_flags(predict.parse_args) | {"--nproc_per_node"}
-    known |= bench_flags("train.py") | bench_flags("loss.py") | bench_flags("cache.py") | bench_flags("cv.py")
+    known |= bench_flags("throughput.py") | bench_flags("loss.py") | bench_flags("cache.py") | bench_flags("cv.py")
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", README))
     assert named - known == set()
 

@@ -106,22 +106,6 @@ def test_sigint_saves_mid_epoch_prints_the_resume_line_and_resumes_identically(r
     assert metrics_of(out) == metrics_of(reference)
 
 
-def test_an_ema_run_killed_and_resumed_ends_like_one_never_stopped(cache, tmp_path):
-    """--ema: last.pt carries the average, so a resumed run keeps averaging where it was (an average restarted
-    from the resumed weights ends elsewhere)."""
-    reference, out = run_to_end(tmp_path / "ref", cache, "--ema", "2"), tmp_path / "run"
-    proc = start(out, cache, "--ema", "2")
-    wait_for_first_epoch(proc, out)
-    proc.kill()
-    proc.wait()
-    done = resume(out)
-    assert done.returncode == 0, done.stderr
-    assert metrics_of(out) == metrics_of(reference)
-    best, best_ref = (torch.load(o / "best.pt", weights_only=True)["model"] for o in (out, reference))
-    for name in best_ref:
-        torch.testing.assert_close(best[name], best_ref[name], rtol=0, atol=0, msg=name)
-
-
 def test_a_finished_out_is_refused_and_left_byte_identical(reference, cache):
     before = digest(reference)
     proc = start(reference, cache)

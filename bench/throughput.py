@@ -1,8 +1,8 @@
 """Training throughput of train.py as an ablation table: the same model and batch shape, one trick added per row.
 
-    python bench/train.py                               # CUDA when available: 240 x 240, batch 64, base 32
-    python bench/train.py --device cpu --quick          # CPU smoke run: 64 x 64, batch 8, base 8, a few steps
-    python bench/train.py --out bench/train_table.md    # also write the markdown report
+    python bench/throughput.py                               # CUDA when available: 240 x 240, batch 64, base 32
+    python bench/throughput.py --device cpu --quick          # CPU smoke run: 64 x 64, batch 8, base 8, a few steps
+    python bench/throughput.py --out bench/throughput.md    # also write the markdown report
 
 Rows, cumulative (each adds one trick to the row above):
   seed baseline   what users would otherwise run: DataLoader workers read one .h5 slice at a time and z-score
@@ -68,7 +68,7 @@ DEFAULTS = {"size": (240, 64), "batch_size": (64, 8), "base": (32, 8), "steps": 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench/train.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="bench/throughput.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--size", type=int, default=None, help="slice side in pixels (default 240; --quick 64)")
@@ -328,11 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         prep_s = time.perf_counter() - t
         split = data.split_volumes(cache.volume_ids, base_cfg.seed)
     except data.UserError as e:
-        print(f"bench/train.py: error: {e}", file=sys.stderr)
+        print(f"bench/throughput.py: error: {e}", file=sys.stderr)
         return 2
     n_train = sum(len(cache.volume(v)["slices"]) for v in split["train"])
     if n_train < args.batch_size:
-        print(f"bench/train.py: error: the training split has {n_train} slices, fewer than --batch-size "
+        print(f"bench/throughput.py: error: the training split has {n_train} slices, fewer than --batch-size "
               f"{args.batch_size}; use more volumes or slices in --data", file=sys.stderr)
         return 2
     flops = step_flops(base_cfg, device)
