@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import data
 
@@ -154,3 +155,25 @@ def write_montage(flair: np.ndarray, pred: np.ndarray, truth: np.ndarray | None,
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, path)
+
+
+def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
+    """FLAIR, prediction and truth at 240 x 240 of chosen slices, for figures.plot_slices."""
+    items = []
+    for r in picks:
+        meta = cache.volume(r["volume"])
+        k = meta["slices"].index(r["slice"])
+        flair = torch.from_numpy(cache.images(r["volume"], mmap=True)[k:k + 1, data.FLAIR].astype(np.float32))
+        items.append({**r, "image": data.uncrop(flair, meta["box"])[0].numpy(), "pred": masks[r["volume"]][k],
+                      "truth": cache.full_masks(r["volume"])[k].astype(bool)})
+    return items
+
+
+def run_figures(out: Path, cache: data.Cache, log: list[dict], records: list[dict], masks: dict[str, np.ndarray],
+                kept_epoch: int) -> None:
+    """A run's pictures in `out`: curves.png, overlays.png (an overview of the test slices), failures.png (the
+    worst), from train.py's log and its test evaluation (per-slice records and post-processed masks)."""
+    plot_curves(log, out / "curves.png", kept_epoch)
+    plot_slices(figure_items(pick_overview(records), cache, masks), out / "overlays.png",
+                "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
+    plot_slices(figure_items(pick_worst(records), cache, masks), out / "failures.png", "Worst test slices by Dice")

@@ -1,5 +1,6 @@
-"""Run a trained U-Net the way train.py evaluates it: device and speed settings, checkpoints, batched prediction
-(ensembles and test-time flips), post-processing. train.py and predict.py both import it; it imports neither.
+"""Run a trained U-Net the way train.py evaluates it: device and speed settings, checkpoints (written and read),
+batched prediction (ensembles and test-time flips), the test metrics of a set of patients, post-processing.
+train.py, predict.py and bench/cv.py import it; it imports none of them.
 
 Probabilities are always produced at the original 240 x 240 resolution: the model's logits are resized back to
 the box the slices were cropped from (data.uncrop), so every metric and every written mask is at full size.
@@ -7,7 +8,7 @@ the box the slices were cropped from (data.uncrop), so every metric and every wr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import feed
 import metrics
 from unet import UNet, UNetConfig
 
@@ -30,13 +32,13 @@ REMOVED_LEVERS = {"context_step": 1, "asymmetry": False, "planes": 1}
 
 
 def resolve_device(name: str) -> torch.device:
-    """--device auto | cpu | cuda | cuda:N → a torch.device with its index on CUDA (see data.as_device)."""
+    """--device auto | cpu | cuda | cuda:N → a torch.device with its index on CUDA (see feed.as_device)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise data.UserError(f"--device {name}: no CUDA device is available")
     try:
-        return data.as_device(name)
+        return feed.as_device(name)
     except RuntimeError as e:
         raise data.UserError(f"--device {name}: {e}") from None
 
@@ -108,6 +110,14 @@ def save_checkpoint(obj: dict, path: Path) -> None:
                              f"the previous {Path(path).name}, if any, is intact") from None
 
 
+def make_checkpoint(model: UNet, cfg: dict, channels: list[int], epoch: int, val_dice: float) -> dict:
+    """What best.pt holds (load_checkpoint reads it): weights, model config and the run's config (train.py's flags),
+    the preprocessing, and the post-processing (defaults until it is chosen on validation after training)."""
+    return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": cfg, "channels": channels,
+            "context": cfg["context"], "size": cfg["size"], "crop": cfg["crop"] == "on",
+            "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
+
+
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]:
     """Model (eval mode, on device) and the checkpoint dict; a UserError when it is missing, damaged or not a
     train.py checkpoint."""
@@ -138,12 +148,12 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, context: torch.Tensor, device: torch.device,
                    batch_size: int, speed: Speed) -> torch.Tensor:
     """Logits (N, H, W) float32 on `device` of the N slices whose context indices into images (M, C, H, W) are the
-    rows of `context` (N, K) (data.context_index), in batches of batch_size, each built only when it is run.
+    rows of `context` (N, K) (feed.context_index), in batches of batch_size, each built only when it is run.
     The last batch is zero-padded to the full size, so a compiled model sees one shape and never recompiles."""
     model.eval()
     outs = []
     for i in range(0, context.shape[0], batch_size):
-        x = data.with_context(images, context[i:i + batch_size]).to(device, non_blocking=True).float()
+        x = feed.with_context(images, context[i:i + batch_size]).to(device, non_blocking=True).float()
         n = x.shape[0]
         if n < batch_size and context.shape[0] > batch_size:
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, batch_size - n))
@@ -201,7 +211,7 @@ class Predictor:
         """Tumour probabilities (S, 240, 240) float16 of one volume's preprocessed slices (S, 4, size, size) (as
         data.preprocess_volume or the cache give them), averaged over the models (and the flips)."""
         x = torch.from_numpy(np.ascontiguousarray(images[:, self.channels]))
-        context = data.context_index([len(x)], self.context)
+        context = feed.context_index([len(x)], self.context)
         total, n = None, 0
         for model in self.models:
             for dims in (FLIPS if self.tta else FLIPS[:1]):
@@ -273,6 +283,22 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
 
 # ----------------------------------------------------------------------------------------------------------
 # Post-processing
+
+
+def parse_postprocess(text: str) -> dict | None:
+    """--postprocess: None for 'val' (chosen on validation), else the fixed {threshold, min_component, largest_3d};
+    a UserError for anything else."""
+    if text == "val":
+        return None
+    parts = text.split(",")
+    try:
+        threshold, min_component, largest = float(parts[0]), int(parts[1]), parts[2]
+        if len(parts) != 3 or not 0 < threshold < 1 or min_component < 0 or largest not in ("on", "off"):
+            raise ValueError
+    except (ValueError, IndexError):
+        raise data.UserError(f"--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off with 0 < THRESHOLD < 1 "
+                             f"(e.g. 0.3,50,on), got {text!r}") from None
+    return {"threshold": threshold, "min_component": min_component, "largest_3d": largest == "on"}
 
 
 def postprocess(probs: np.ndarray, threshold: float, min_component: int, largest_3d: bool = False) -> np.ndarray:

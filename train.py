@@ -30,6 +30,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import feed
 import figures
 import inference
 import metrics
@@ -37,7 +38,7 @@ from fused_dice import dice_bce_loss
 from unet import UNet, UNetConfig, count_parameters
 
 ON_OFF, AUTO_ON_OFF = ("on", "off"), ("auto", "on", "off")
-MODALITIES, INTENSITY, CACHE_DIR = data.CHANNELS, data.INTENSITY, data.default_cache_dir()  # a field below is named `data`
+MODALITIES, INTENSITY, CACHE_DIR = data.CHANNELS, feed.INTENSITY, data.default_cache_dir()  # a field below is named `data`
 
 
 def option(default, help: str, choices: tuple | None = None, type=None):
@@ -52,8 +53,7 @@ class TrainConfig:
                                  "(official BraTS case folders)")
     channel: int | None = option(None, f"train on one modality only, an index into {MODALITIES} (0 = FLAIR); "
                                        "None: all four", type=int)
-    context: int = option(1, "neighbouring slices on each side stacked as extra input channels (2.5D); 0: the slice "
-                             "alone")
+    context: int = option(1, "neighbouring slices on each side stacked as extra input channels (2.5D)")
     size: int = option(240, "slices are resized to SIZE x SIZE pixels for training (unmeasured guess for a GPU: the "
                             "original work's; the sample recipe uses 128)")
     crop: str = option("on", "crop each volume to its brain's box before resizing, so the SIZE pixels span the brain",
@@ -61,13 +61,10 @@ class TrainConfig:
     folds: int = option(0, "K-fold cross-validation by patient: fold --fold is the test set, the next fold the "
                            "validation set; 0: one seeded 70/15/15 split")
     fold: int = option(0, "the test fold (0..K-1) with --folds K")
-    train_on: str = option("train", "the patients trained on: the training split, or train+val for a final model "
-                                    "once the epochs and the post-processing are fixed (needs --select last, "
-                                    "--patience 0 and a fixed --postprocess: nothing is left to choose on)",
+    train_on: str = option("train", "train+val: a final model, once the epochs and a fixed --postprocess are chosen",
                            ("train", "train+val"))
-    train_patients: int = option(0, "train on this many of those patients, drawn by the training seed (--train-seed, "
-                                    "else --seed), the rest left out: a learning curve, how Dice grows with the "
-                                    "patients trained on; 0: all of them")
+    train_patients: int = option(0, "train on this many of those patients, drawn by the training seed (a learning "
+                                    "curve); 0: all")
     cache_dir: str | None = option(None, f"preprocessed arrays are cached here; None: $BRATS_CACHE, else "
                                          f"~/.cache/brats-unet (here {CACHE_DIR})", type=str)
     # model
@@ -77,10 +74,8 @@ class TrainConfig:
     norm: str = option("instance", "normalisation layer", ("instance", "batch", "group", "none"))
     # optimisation
     epochs: int = option(40, "epochs at most (unmeasured guess for a GPU; the sample recipe uses 16)")
-    time_budget: float = option(0.0, "minutes of wall clock for set-up and training (the test phase follows): after the "
-                                     "first epoch the run keeps the epochs that fit (at most --epochs) and lays the "
-                                     "schedule over them; it prints the count and keeps it in metrics.json, and "
-                                     "--epochs COUNT without a budget reproduces the run; 0: no budget")
+    time_budget: float = option(0.0, "minutes for set-up and training: after epoch 1 the run keeps the epochs that fit "
+                                     "(at most --epochs), printed and kept in metrics.json; 0: no budget")
     batch_size: int = option(32, "slices per batch, per process under torchrun (unmeasured guess for a GPU; the "
                                  "sample recipe uses 16)")
     lr: float = option(2e-3, "peak AdamW learning rate")
@@ -89,17 +84,15 @@ class TrainConfig:
     patience: int = option(0, "stop after this many epochs without a better validation Dice; 0: never stop early")
     select: str = option("last", "the model kept as best.pt and tested: the last epoch (a schedule annealed to its "
                                  "end), or the epoch with the best validation Dice", ("last", "best"))
-    postprocess: str = option("val", "post-processing of the test predictions: val chooses the threshold, the "
-                                     "smallest 2D component kept (pixels at 240x240) and the largest-3D rule on the "
-                                     "validation patients; or fixed as THRESHOLD,MIN_PIXELS,on|off (e.g. 0.3,50,on)")
+    postprocess: str = option("val", "val: threshold, smallest 2D component (pixels at 240x240) and largest-3D rule "
+                                     "chosen on validation; or fixed as THRESHOLD,MIN_PIXELS,on|off (e.g. 0.3,50,on)")
     bce_weight: float = option(1.0, "weight of BCE in the loss")
     dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
     # augmentation (on the device)
     augment: str = option("on", f"random flips, 90 degree rotations, brain intensities scaled by 1 ± {INTENSITY} and "
                                 f"shifted by ± {INTENSITY}", ON_OFF)
-    modality_dropout: float = option(0.5, "this fraction of the samples loses one modality, drawn at random (set to "
-                                          "0 on every context slice), so a tumour faint in one is found from the "
-                                          "others; 0: off (the default with --channel)")
+    modality_dropout: float = option(0.5, "this fraction of the samples loses one random modality (0 on every context "
+                                          "slice); 0: off (the default with --channel)")
     # speed: each trick one flag, so bench/throughput.py can ablate them
     resident: str = option("on", "training slices in device memory, batches by indexing; off: DataLoader workers read "
                                  "the disk cache", ON_OFF)
@@ -115,9 +108,8 @@ class TrainConfig:
     # run
     seed: int = option(0, "seeds the split and (unless --train-seed) the model's initialisation, shuffling and "
                           "augmentation")
-    train_seed: int | None = option(None, "seeds only the model's initialisation, shuffling and augmentation: the "
-                                          "same split trained again with other randomness (seed-to-seed spread, "
-                                          "ensembles); None: --seed", type=int)
+    train_seed: int | None = option(None, "seeds only the initialisation, shuffling and augmentation (the same split, "
+                                          "other randomness); None: --seed", type=int)
     out: str = option("runs/latest", "the run folder; one that holds a run is refused unless --overwrite on")
     resume: str | None = option(None, "continue the stopped run in this folder from its last.pt, with its own config",
                                 type=str)
@@ -193,7 +185,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.time_budget and cfg.warmup < 1:
         raise data.UserError(f"--time-budget needs --warmup of at least 1 epoch (got {cfg.warmup}): the epochs are "
                              f"decided after the first one, whose learning rates must not depend on them")
-    fixed_post = parse_postprocess(cfg.postprocess)
+    fixed_post = inference.parse_postprocess(cfg.postprocess)
     if cfg.train_on == "train+val" and not (cfg.select == "last" and cfg.patience == 0 and fixed_post):
         raise data.UserError("--train-on train+val trains on the validation patients, so nothing can be chosen on "
                              "them: it needs --select last --patience 0 and a fixed --postprocess (e.g. 0.3,50,on)")
@@ -202,22 +194,6 @@ def check_config(cfg: TrainConfig) -> None:
 def training_seed(cfg: TrainConfig) -> int:
     """The seed of everything random in training but the split: --train-seed, or --seed when it is not given."""
     return cfg.seed if cfg.train_seed is None else cfg.train_seed
-
-
-def parse_postprocess(text: str) -> dict | None:
-    """--postprocess: None for 'val' (chosen on validation), else the fixed {threshold, min_component, largest_3d};
-    a UserError for anything else."""
-    if text == "val":
-        return None
-    parts = text.split(",")
-    try:
-        threshold, min_component, largest = float(parts[0]), int(parts[1]), parts[2]
-        if len(parts) != 3 or not 0 < threshold < 1 or min_component < 0 or largest not in ON_OFF:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise data.UserError(f"--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off with 0 < THRESHOLD < 1 "
-                             f"(e.g. 0.3,50,on), got {text!r}") from None
-    return {"threshold": threshold, "min_component": min_component, "largest_3d": largest == "on"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +274,7 @@ def channel_list(channel: int | None) -> list[int]:
     return list(range(len(data.CHANNELS))) if channel is None else [channel]
 
 
-def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainBatches, data.SliceSet]:
+def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, feed.TrainBatches, feed.SliceSet]:
     """The cache (built once, by rank 0, while the other ranks wait), the split by patient, the training batches and
     the validation slices; the run folder is written only once the data is known to be good."""
     if run.ddp:  # a full cache build takes far longer than a collective's default timeout: wait on a gloo group
@@ -322,11 +298,11 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, data.TrainB
     if n_train == 0 or counts["val"] == 0:
         raise data.DataError("no slices with brain in the training or validation volumes")
     batch_size = min(cfg.batch_size, n_train // run.world)
-    batches = data.TrainBatches(
+    batches = feed.TrainBatches(
         cache, trained_on, channels, run.device, batch_size, context=cfg.context, resident=cfg.resident == "on",
         workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world, augment=cfg.augment == "on",
         modality_dropout=cfg.modality_dropout)
-    val_set = data.load_slices(cache, split["val"], channels, cfg.context, run.device)
+    val_set = feed.load_slices(cache, split["val"], channels, cfg.context, run.device)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
                              f"chosen on them (--select best / --postprocess val): use more volumes or another --seed")
@@ -477,7 +453,7 @@ class Progress:
     epochs: int = 0
 
 
-def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, progress: Progress,
+def train_epoch(train_step, batches: feed.TrainBatches, epoch: int, run: Run, progress: Progress,
                 stop: StopOnSignal) -> dict:
     """Run epoch `epoch` from batch progress.batch on; train loss (mean over batches) and Dice/IoU pooled over its
     pixels at threshold 0.5. Totals stay on the device until the one host synchronisation at the end (summed over
@@ -516,9 +492,10 @@ def train_epoch(train_step, batches: data.TrainBatches, epoch: int, run: Run, pr
 
 
 @torch.inference_mode()
-def validate(model: torch.nn.Module, val_set: data.SliceSet, cfg: TrainConfig, run: Run, batch_size: int) -> dict:
+def validate(model: torch.nn.Module, val_set: feed.SliceSet, cfg: TrainConfig, run: Run, batch_size: int) -> dict:
     """Validation loss (Dice + BCE), and Dice and IoU per volume (mean over volumes) at the training size and
-    threshold 0.5."""
+    threshold 0.5. Every rank validates (the set is small and resident); under DDP rank 0's numbers are every
+    rank's (BatchNorm statistics differ per rank), so all ranks stop together."""
     logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed)
     masks = val_set.masks.to(run.device)
     loss = dice_bce_loss(logits.unsqueeze(1), masks.unsqueeze(1), bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
@@ -527,16 +504,13 @@ def validate(model: torch.nn.Module, val_set: data.SliceSet, cfg: TrainConfig, r
     volume = val_set.volume.to(run.device)
     per_volume = [torch.zeros(len(val_set.volume_ids), dtype=torch.float64, device=run.device).index_add_(0, volume, c)
                   for c in per_slice]
-    return {"val_loss": loss.item(), "val_dice": metrics.nanmean(metrics.dice_from_counts(*per_volume).tolist()),
-            "val_iou": metrics.nanmean(metrics.iou_from_counts(*per_volume).tolist())}
-
-
-def checkpoint(model: UNet, cfg: TrainConfig, epoch: int, val_dice: float) -> dict:
-    """What best.pt holds: weights, model and run config, preprocessing, and the post-processing (defaults until
-    it is chosen on validation after training)."""
-    return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": asdict(cfg),
-            "channels": channel_list(cfg.channel), "context": cfg.context, "size": cfg.size, "crop": cfg.crop == "on",
-            "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
+    val = {"val_loss": loss.item(), "val_dice": metrics.nanmean(metrics.dice_from_counts(*per_volume).tolist()),
+           "val_iou": metrics.nanmean(metrics.iou_from_counts(*per_volume).tolist())}
+    if run.ddp:
+        agreed = torch.tensor(list(val.values()), dtype=torch.float64, device=run.device)
+        dist.broadcast(agreed, 0)
+        val = dict(zip(val, agreed.tolist()))
+    return val
 
 
 def save_last(path: Path, model, optimizer, scheduler, scaler, progress: Progress) -> None:
@@ -562,8 +536,8 @@ def load_last(path: Path, model, optimizer, scheduler, scaler) -> Progress:
     return Progress(**state["progress"])
 
 
-def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
-        val_set: data.SliceSet) -> tuple[list[dict], int]:
+def fit(cfg: TrainConfig, run: Run, model: UNet, batches: feed.TrainBatches,
+        val_set: feed.SliceSet) -> tuple[list[dict], int]:
     """Train for --epochs (or those that fit --time-budget, or until early stopping), validating after every epoch;
     rank 0 logs each epoch to log.jsonl, keeps best.pt and writes last.pt (with --resume, training continues from
     it). Returns the log and the epochs the schedule ran over."""
@@ -593,13 +567,7 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
                           f"resume with `python train.py --resume {run.out}`", file=sys.stderr)
                 raise
             trained = time.perf_counter()
-            # every rank validates (it is small and resident); under DDP rank 0's numbers decide (BatchNorm
-            # statistics differ per rank), so all ranks stop together
             val = validate(eval_model, val_set, cfg, run, 2 * batches.batch_size)
-            if run.ddp:
-                agreed = torch.tensor(list(val.values()), dtype=torch.float64, device=run.device)
-                dist.broadcast(agreed, 0)
-                val = dict(zip(val, agreed.tolist()))
             record.update(val, lr=optimizer.param_groups[0]["lr"])
             if epoch == 1 and cfg.time_budget:
                 epoch_s = record["seconds"] + time.perf_counter() - trained  # training (resumed or not) + validation
@@ -615,7 +583,8 @@ def fit(cfg: TrainConfig, run: Run, model: UNet, batches: data.TrainBatches,
                 with open(run.out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if improved or cfg.select == "last":
-                    inference.save_checkpoint(checkpoint(model, cfg, epoch, record["val_dice"]), run.out / "best.pt")
+                    best = inference.make_checkpoint(model, asdict(cfg), channel_list(cfg.channel), epoch, val["val_dice"])
+                    inference.save_checkpoint(best, run.out / "best.pt")
                 save_last(last, model, optimizer, scheduler, scaler, progress)
     if run.master and cfg.patience and progress.stale >= cfg.patience:
         best = max(progress.log, key=lambda r: r["val_dice"])
@@ -656,7 +625,7 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     patients and the epoch of the model tested, for the figures."""
     predictor = inference.Predictor.from_checkpoints([run.out / "best.pt"], run.device, 2 * cfg.batch_size,
                                                      speed=dataclasses.replace(run.speed, compile=False))
-    post, val_best = parse_postprocess(cfg.postprocess), None
+    post, val_best = inference.parse_postprocess(cfg.postprocess), None
     if post is None:
         val_truth = {v: cache.full_masks(v) for v in split["val"]}
         post, val_best = inference.choose_postprocessing(inference.volume_probs(predictor, cache, split["val"]), val_truth)
@@ -678,27 +647,6 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     return records, masks, kept
 
 
-def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
-    """FLAIR, prediction and truth at 240 x 240 of chosen slices, for figures.plot_slices."""
-    items = []
-    for r in picks:
-        meta = cache.volume(r["volume"])
-        k = meta["slices"].index(r["slice"])
-        flair = torch.from_numpy(cache.images(r["volume"], mmap=True)[k:k + 1, data.FLAIR].astype(np.float32))
-        items.append({**r, "image": data.uncrop(flair, meta["box"])[0].numpy(), "pred": masks[r["volume"]][k],
-                      "truth": cache.full_masks(r["volume"])[k].astype(bool)})
-    return items
-
-
-def make_figures(run: Run, cache: data.Cache, log: list[dict], records: list[dict], masks: dict,
-                 kept_epoch: int) -> None:
-    figures.plot_curves(log, run.out / "curves.png", kept_epoch)
-    figures.plot_slices(figure_items(figures.pick_overview(records), cache, masks), run.out / "overlays.png",
-                        "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
-    figures.plot_slices(figure_items(figures.pick_worst(records), cache, masks), run.out / "failures.png",
-                        "Worst test slices by Dice")
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -718,7 +666,7 @@ def main(cfg: TrainConfig) -> None:
         return
     try:
         records, masks, kept_epoch = test(cfg, run, cache, split, log, epochs)
-        make_figures(run, cache, log, records, masks, kept_epoch)
+        figures.run_figures(run.out, cache, log, records, masks, kept_epoch)
     except data.UserError:
         raise
     except Exception as e:  # training is done and its checkpoints are safe: say so in one line

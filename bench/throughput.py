@@ -7,14 +7,14 @@
 Rows, cumulative (each adds one trick to the row above):
   seed baseline   what users would otherwise run: DataLoader workers read one .h5 slice at a time and z-score
                   and resize it with OpenCV; fp32, eager, PyTorch's default cuDNN settings
-  + cache         train.py --resident off: workers read the preprocessed disk cache (data.TrainBatches), with
+  + cache         train.py --resident off: workers read the preprocessed disk cache (feed.TrainBatches), with
                   train.py's cuDNN settings (autotuning, TF32)
   + resident      train.py's default: the training set in device memory, a batch is one indexing
   + channels_last, + bf16 autocast, + torch.compile of forward + loss, + fused loss (the Triton Dice+BCE kernels)
 
-Every row but the first is train.py's own code: data.TrainBatches for the batches, train.build_model,
+Every row but the first is train.py's own code: feed.TrainBatches for the batches, train.build_model,
 train.make_optimizer and train.make_train_step for the step, inference.resolve_speed for the settings; every
-row also runs data.augment on the device. A row is timed as train.py runs: N steps back to back (get the batch,
+row also runs feed.augment on the device. A row is timed as train.py runs: N steps back to back (get the batch,
 one optimisation step) between two clock reads with one device synchronisation at the end, so the CPU queues
 work ahead of the GPU as it does in training. Exit 1 if any row fails; the report says which.
 Data: synthetic phantoms of the real shape, written once under the cache dir.
@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import data  # noqa: E402
+import feed  # noqa: E402
 import fused_dice  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
@@ -142,10 +143,10 @@ def seed_batches(cache: data.Cache, volume_ids: list[str], cfg: train.TrainConfi
     while True:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).unsqueeze(1)
-            yield data.augment(x, y, generator)
+            yield feed.augment(x, y, generator)
 
 
-def train_batches(batches: data.TrainBatches):
+def train_batches(batches: feed.TrainBatches):
     """Endless batches of train.py's own batch source, epoch after epoch."""
     epoch = 0
     while True:
@@ -217,7 +218,7 @@ def run_row(key: str, cfg: train.TrainConfig, device: torch.device, cache: data.
     else:
         if device.type == "cuda":
             train.tune_cuda()
-        batches = train_batches(data.TrainBatches(
+        batches = train_batches(feed.TrainBatches(
             cache, split["train"], train.channel_list(cfg.channel), device, cfg.batch_size, context=cfg.context,
             context_step=cfg.context_step, resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed))
     torch.manual_seed(cfg.seed)

@@ -1,4 +1,4 @@
-"""The batch source (data.TrainBatches) on a tagged data set: every slice carries its tag in both its image and its
+"""The batch source (feed.TrainBatches) on a tagged data set: every slice carries its tag in both its image and its
 mask (the tag is the number of marked pixels), so pairing, coverage, shuffling, context and rank shares can be
 read off the batches themselves."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import feed
 
 SIZE = 16
 COUNTS = (5, 7, 6)  # slices per volume: tags 1..5, 6..12, 13..18
@@ -52,7 +53,7 @@ def neighbour(tag: int, step: int) -> int:
     return min(max(tag + step, start), start + COUNTS[volume_of(tag)] - 1)
 
 
-def epoch_batches(batches: data.TrainBatches, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def epoch_batches(batches: feed.TrainBatches, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.clone(), y.clone()) for x, y in batches.epoch(epoch, start)]
 
 
@@ -60,7 +61,7 @@ def epoch_batches(batches: data.TrainBatches, epoch: int, start: int = 0) -> lis
 @pytest.mark.parametrize("augment", [False, True])
 def test_an_epoch_is_a_permutation_of_the_training_slices_each_with_its_own_mask(tagged, resident, workers, augment):
     volumes = ["v0", "v2"]  # tags 1..5 and 13..18: 11 slices, 3 batches of 3 (2 dropped)
-    batches = data.TrainBatches(tagged, volumes, [0, 1, 2, 3], "cpu", 3, context=1, resident=resident,
+    batches = feed.TrainBatches(tagged, volumes, [0, 1, 2, 3], "cpu", 3, context=1, resident=resident,
                                 workers=workers, augment=augment, seed=5)
     assert len(batches) == 3
     seen = []
@@ -84,7 +85,7 @@ def test_ranks_share_an_epoch_without_overlap(tagged):
     ids = ["v0", "v1", "v2"]
     shares = []
     for rank in range(3):
-        batches = data.TrainBatches(tagged, ids, [0], "cpu", 2, rank=rank, world=3, augment=False, seed=1)
+        batches = feed.TrainBatches(tagged, ids, [0], "cpu", 2, rank=rank, world=3, augment=False, seed=1)
         assert len(batches) == 3  # 18 slices / 3 ranks / batch 2
         shares.append([t for x, _ in epoch_batches(batches, 4) for t in tags(x[:, 0]).tolist()])
     flat = [t for s in shares for t in s]
@@ -94,7 +95,7 @@ def test_ranks_share_an_epoch_without_overlap(tagged):
 @pytest.mark.parametrize("resident", [True, False])
 def test_an_epoch_restarted_at_a_batch_sees_the_same_batches(tagged, resident):
     """What resuming mid-epoch relies on: batch b of epoch e is the same whether the epoch starts at 0 or at b."""
-    batches = data.TrainBatches(tagged, ["v0", "v1", "v2"], [0, 1], "cpu", 4, resident=resident, workers=0,
+    batches = feed.TrainBatches(tagged, ["v0", "v1", "v2"], [0, 1], "cpu", 4, resident=resident, workers=0,
                                 seed=3, modality_dropout=0.5)
     full, tail = epoch_batches(batches, 3), epoch_batches(batches, 3, start=2)
     assert len(full) == 4 and len(tail) == 2
@@ -104,8 +105,8 @@ def test_an_epoch_restarted_at_a_batch_sees_the_same_batches(tagged, resident):
 
 def test_as_device_gives_cuda_an_index():
     """Tensors on CUDA report cuda:N; a bare 'cuda' must compare equal to them (else batches take the host path)."""
-    assert data.as_device("cuda") == torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    assert data.as_device("cuda:1") == torch.device("cuda:1") and data.as_device("cpu") == torch.device("cpu")
+    assert feed.as_device("cuda") == torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    assert feed.as_device("cuda:1") == torch.device("cuda:1") and feed.as_device("cpu") == torch.device("cpu")
 
 
 def test_modality_dropout_blanks_one_modality_on_every_context_copy():
@@ -117,9 +118,9 @@ def test_modality_dropout_blanks_one_modality_on_every_context_copy():
     y = torch.zeros(n, 1, 16, 16, dtype=torch.uint8)
     y[:, :, 4:9, 5:11] = 1
     x = (torch.rand(n, 2, 16, 16, generator=g) + 1).repeat(1, 3, 1, 1)  # channels: (m0, m1) at z - 1, z, z + 1
-    plain, y_plain = data.augment(x, y, torch.Generator().manual_seed(5), modalities=2)
+    plain, y_plain = feed.augment(x, y, torch.Generator().manual_seed(5), modalities=2)
     for rate, low, high in ((0.5, 16, 48), (1.0, n, n)):
-        out, y_out = data.augment(x, y, torch.Generator().manual_seed(5), modalities=2, modality_dropout=rate)
+        out, y_out = feed.augment(x, y, torch.Generator().manual_seed(5), modalities=2, modality_dropout=rate)
         assert torch.equal(y_out, y_plain)
         blank = (out == 0).all(-1).all(-1)  # (N, 6): channel entirely 0
         for k in range(2):  # a modality's three copies go together

@@ -40,7 +40,7 @@ def test_choose_postprocess_pools_validation_runs_without_the_folds_test_patient
     rows = [line for line in text.splitlines() if line.startswith(("| fold", "| a final"))]
     assert len(rows) == folds + 1
     for row in rows:  # each rule is a valid --postprocess
-        assert train.parse_postprocess(row.split("| ")[2].split(" ")[0]) is not None
+        assert inference.parse_postprocess(row.split("| ")[2].split(" ")[0]) is not None
     for fold, row in enumerate(rows[:folds]):  # the last column: the fold's own test Dice, from its metrics.json
         result = json.loads((out / f"fold{fold}" / "metrics.json").read_text())
         assert row.split("| ")[4].strip(" |") == ", ".join(f"{v['dice']:.3f}" for v in result["test"]["per_volume"])

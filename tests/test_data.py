@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import feed
 import train
 from conftest import SAMPLE_CASES, read_case_with_nibabel, write_h5_slices
 
@@ -124,12 +125,12 @@ def test_cache_is_reused_and_keyed_by_size(tmp_path, monkeypatch):
 def test_load_slices_and_batches(tmp_path):
     cache = data.prepare("synthetic:3x6", 16, tmp_path)
     ids = cache.volume_ids
-    s = data.load_slices(cache, ids, [0], device="cpu")
+    s = feed.load_slices(cache, ids, [0], device="cpu")
     n = sum(len(cache.volume(v)["slices"]) for v in ids)
     assert s.images.shape == (n, 1, 16, 16) and s.images.dtype == torch.float16 and s.masks.shape == (n, 16, 16)
     assert s.volume.tolist() == sum(([i] * len(cache.volume(v)["slices"]) for i, v in enumerate(ids)), [])
     np.testing.assert_array_equal(s.images[:, 0].numpy(), np.concatenate([cache.images(v)[:, 0] for v in ids]))
-    batches = list(data.TrainBatches(cache, ids, [0], "cpu", 4).epoch(1))
+    batches = list(feed.TrainBatches(cache, ids, [0], "cpu", 4).epoch(1))
     assert len(batches) == n // 4 and all(x.shape == (4, 1, 16, 16) and y.shape == (4, 1, 16, 16) for x, y in batches)
 
 
@@ -137,7 +138,7 @@ def test_augment_moves_image_and_mask_together():
     g = torch.Generator().manual_seed(1)
     y = (torch.rand(16, 1, 24, 24, generator=g) > 0.7).float()
     x = torch.cat([y * 3.0, y * 3.0], 1)  # image is a copy of the mask: geometry must stay aligned
-    xa, ya = data.augment(x, y.to(torch.uint8), g)
+    xa, ya = feed.augment(x, y.to(torch.uint8), g)
     assert ((xa[:, :1] != 0) == (ya > 0.5)).all()
     assert not torch.equal(ya, y.to(torch.uint8))  # something moved
     assert ya.dtype == torch.uint8 and set(torch.unique(ya).tolist()) <= {0, 1}

@@ -21,16 +21,16 @@ DATA, SIZE, BATCH, WORLD = "synthetic:3x8", 32, 2, 2
 TIMEOUT_S = 180
 
 # Runs train.py unchanged as __main__ (runpy) and records, per rank, the training-set indices of every batch the
-# training loop steps on: data.augment sees each batch the loop uses (data.TrainBatches calls the module's
+# training loop steps on: feed.augment sees each batch the loop uses (feed.TrainBatches calls the module's
 # `augment`, so patching the attribute is enough; load_slices is wrapped only to learn the training set's images,
 # the first set it loads). Written at exit to $RECORD_DIR/rank<R>.json.
 RECORDER = r'''
 import atexit, json, os, runpy, sys
 repo = os.environ["REPO"]
 sys.path.insert(0, repo)
-import data
+import feed
 record, train_images = [], []
-original_load, original_augment = data.load_slices, data.augment
+original_load, original_augment = feed.load_slices, feed.augment
 
 def load_slices(*args, **kwargs):
     slices = original_load(*args, **kwargs)
@@ -43,7 +43,7 @@ def augment(x, y, *args, **kwargs):
     record.append([int((images == xi.flatten().to(images.device)).all(1).nonzero()[0, 0]) for xi in x])
     return original_augment(x, y, *args, **kwargs)
 
-data.load_slices, data.augment = load_slices, augment
+feed.load_slices, feed.augment = load_slices, augment
 rank = os.environ.get("RANK", "0")
 atexit.register(lambda: open(os.path.join(os.environ["RECORD_DIR"], f"rank{rank}.json"), "w").write(json.dumps(record)))
 sys.argv = [os.path.join(repo, "train.py")] + sys.argv[1:]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import feed
 import inference
 import metrics
 import train
@@ -67,7 +68,7 @@ def test_validation_dice_is_the_mean_over_volumes_not_pooled(tmp_path):
     masks[0, :10, :10] = masks[1, :10, :10] = 1
     images[0, 0, :10, :10] = 1
     images[1, 0, :10, :30] = 1
-    val = data.SliceSet(images, masks, torch.tensor([0, 1]), ["v0", "v1"], data.context_index([1, 1], 0))
+    val = feed.SliceSet(images, masks, torch.tensor([0, 1]), ["v0", "v1"], feed.context_index([1, 1], 0))
 
     class Marked(torch.nn.Module):  # logits +10 where the image is marked
         def forward(self, x):
@@ -131,7 +132,7 @@ def test_prediction_batches_all_have_one_shape():
             return x[:, :1] * 2
 
     images = torch.arange(7 * 2 * 4 * 4, dtype=torch.float32).reshape(7, 2, 4, 4)
-    logits = inference.predict_logits(Recorder(), images, data.context_index([7], 0), torch.device("cpu"), 3,
+    logits = inference.predict_logits(Recorder(), images, feed.context_index([7], 0), torch.device("cpu"), 3,
                                       inference.Speed(None, False, False))
     assert shapes == [(3, 2, 4, 4)] * 3
     assert torch.equal(logits, images[:, 0] * 2)

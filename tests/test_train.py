@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import feed
 import inference
 import train
 from conftest import ROOT, write_h5_slices
@@ -52,8 +53,8 @@ def test_synthetic_end_to_end(tmp_path):
 def test_the_dataloader_path_trains_end_to_end(tmp_path, monkeypatch):
     """--resident off: DataLoader workers read the disk cache (workers 0: in this process, so it is recorded)."""
     out, served = tmp_path / "run", []
-    original = data.DiskSlices.__getitem__
-    monkeypatch.setattr(data.DiskSlices, "__getitem__", lambda self, i: served.append(i) or original(self, i))
+    original = feed.DiskSlices.__getitem__
+    monkeypatch.setattr(feed.DiskSlices, "__getitem__", lambda self, i: served.append(i) or original(self, i))
     assert train.cli(["--data", "synthetic:4x10", *TINY, "--resident", "off", "--workers", "0", "--out", str(out),
                       "--cache-dir", str(tmp_path / "c")]) == 0
     check_run(out, 2)
@@ -64,13 +65,13 @@ def test_the_dataloader_path_trains_end_to_end(tmp_path, monkeypatch):
 def record_trained_volumes(monkeypatch) -> dict:
     """{"train": the volume ids TrainBatches is built from}, once train.py has built it."""
     loaded = {}
-    original = data.TrainBatches.__init__
+    original = feed.TrainBatches.__init__
 
     def record(self, cache, volume_ids, *args, **kwargs):
         loaded["train"] = list(volume_ids)
         original(self, cache, volume_ids, *args, **kwargs)
 
-    monkeypatch.setattr(data.TrainBatches, "__init__", record)
+    monkeypatch.setattr(feed.TrainBatches, "__init__", record)
     return loaded
 
 
@@ -90,8 +91,8 @@ def test_modality_dropout_reaches_the_augmentation(tmp_path, monkeypatch):
     """--modality-dropout (0.5 by default): every training batch's augmentation gets it, with the four modalities
     told apart from the context copies (12 input channels with --context 1, the default)."""
     seen = []
-    original = data.augment
-    monkeypatch.setattr(data, "augment", lambda x, y, *a: seen.append((x.shape[1], *a[1:])) or original(x, y, *a))
+    original = feed.augment
+    monkeypatch.setattr(feed, "augment", lambda x, y, *a: seen.append((x.shape[1], *a[1:])) or original(x, y, *a))
     runs = {"default": ([], (12, 4, 0.5)), "off": (["--modality-dropout", "0"], (12, 4, 0.0)),
             "quarter": (["--modality-dropout", "0.25"], (12, 4, 0.25))}
     for name, (flags, _) in runs.items():
@@ -148,7 +149,7 @@ def test_train_seed_changes_the_training_randomness_and_not_the_split(tmp_path, 
     """--train-seed seeds the initial weights and the batches (order, augmentation) and leaves the split to --seed;
     without it, --seed seeds all of them, as before the flag."""
     seen = {}
-    original_init, original_build = data.TrainBatches.__init__, train.build_model
+    original_init, original_build = feed.TrainBatches.__init__, train.build_model
 
     def record_batches(self, *args, seed, **kwargs):
         seen["batch_seed"] = seed
@@ -159,7 +160,7 @@ def test_train_seed_changes_the_training_randomness_and_not_the_split(tmp_path, 
         seen["weights"] = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         return model
 
-    monkeypatch.setattr(data.TrainBatches, "__init__", record_batches)
+    monkeypatch.setattr(feed.TrainBatches, "__init__", record_batches)
     monkeypatch.setattr(train, "build_model", record_weights)
 
     def run(name: str, *seeds: str) -> tuple[dict, int, torch.Tensor]:
@@ -183,7 +184,7 @@ def test_a_train_step_learns(tmp_path):
     """train.py's own step, 40 times on one batch of phantom slices: the loss falls and the batch is learnt (an
     optimiser that never steps, or a schedule stuck at zero, leaves the loss where it started)."""
     cache = data.prepare("synthetic:3x8", 32, tmp_path)
-    slices = data.load_slices(cache, cache.volume_ids, [0, 1, 2, 3])
+    slices = feed.load_slices(cache, cache.volume_ids, [0, 1, 2, 3])
     idx = torch.nonzero(slices.masks.flatten(1).sum(1) > 20)[:8, 0]
     x, y = slices.inputs(idx).float(), slices.masks[idx].unsqueeze(1)
     cfg = train.TrainConfig(size=32, base=8, depth=3, batch_size=8, lr=5e-3, context=0, device="cpu")
