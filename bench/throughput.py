@@ -107,19 +107,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class H5Slices(torch.utils.data.Dataset):
-    """One Kaggle-layout .h5 slice per item, z-scored over its non-zero pixels and resized with OpenCV, as a
-    DataLoader-based pipeline typically does it: (image float32 (C, size, size), mask uint8 (size, size))."""
+    """One Kaggle-layout .h5 slice per item with its `context` neighbours on each side (ends repeated), each file
+    read, z-scored over its non-zero pixels and resized with OpenCV, as a DataLoader-based pipeline typically does
+    it: (image float32 ((2 context + 1) C, size, size), neighbour by neighbour as feed.with_context orders them;
+    mask uint8 (size, size) of the centre slice)."""
 
-    def __init__(self, files: list, size: int, channels: list[int]):
-        self.files, self.size, self.channels = files, size, channels
+    def __init__(self, volumes: list[list[Path]], size: int, channels: list[int], context: int = 0):
+        self.volumes, self.size, self.channels, self.context = volumes, size, channels, context
+        self.items = [(v, k) for v, files in enumerate(volumes) for k in range(len(files))]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         import h5py
 
-        with h5py.File(self.files[i], "r") as f:
+        with h5py.File(path, "r") as f:
             image, mask = f["image"][()][..., self.channels], f["mask"][()].any(-1).astype(np.uint8)
         brain = image != 0
         for c in range(image.shape[-1]):
@@ -127,16 +130,22 @@ class H5Slices(torch.utils.data.Dataset):
             if v.size:
                 image[..., c] = np.where(brain[..., c], (image[..., c] - v.mean()) / (v.std() + 1e-6), 0)
         image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(mask)
+        return image.transpose(2, 0, 1), cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        v, k = self.items[i]
+        files = self.volumes[v]
+        images = [self.read(files[min(max(z, 0), len(files) - 1)])[0] for z in range(k - self.context, k)]
+        centre, mask = self.read(files[k])
+        images += [centre] + [self.read(files[min(z, len(files) - 1)])[0] for z in range(k + 1, k + self.context + 1)]
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(images))), torch.from_numpy(mask)
 
 
 def seed_batches(cache: data.Cache, volume_ids: list[str], cfg: train.TrainConfig, device: torch.device):
     """Endless (x float32, y uint8 (B, 1, H, W)) batches of the seed baseline, augmented on the device."""
     groups = data.list_h5(Path(cache.meta["root"]))
-    files = [f for v in volume_ids for f in groups[v]]
-    loader = torch.utils.data.DataLoader(H5Slices(files, cfg.size, train.channel_list(cfg.channel)),
-                                         batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+    dataset = H5Slices([groups[v] for v in volume_ids], cfg.size, train.channel_list(cfg.channel), cfg.context)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          num_workers=cfg.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=cfg.workers > 0)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -220,7 +229,7 @@ def run_row(key: str, cfg: train.TrainConfig, device: torch.device, cache: data.
             train.tune_cuda()
         batches = train_batches(feed.TrainBatches(
             cache, split["train"], train.channel_list(cfg.channel), device, cfg.batch_size, context=cfg.context,
-            context_step=cfg.context_step, resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed))
+            resident=cfg.resident == "on", workers=cfg.workers, seed=cfg.seed, modality_dropout=cfg.modality_dropout))
     torch.manual_seed(cfg.seed)
     model = train.build_model(cfg).to(device)
     if speed.channels_last:
@@ -341,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     header = [
         f"machine: {machine(device)}",
         f"date: {utc_now()}; torch {torch.__version__}; git commit {git_commit()}",
-        f"workload: U-Net base {args.base} depth {args.depth}, 4 channels, batch {args.batch_size} x {args.size}x{args.size}; "
+        f"workload: U-Net base {args.base} depth {args.depth} norm {base_cfg.norm}, 4 modalities x {2 * base_cfg.context + 1} "
+        f"slices of context in, batch {args.batch_size} x {args.size}x{args.size}, modality dropout "
+        f"{base_cfg.modality_dropout} (train.py's defaults); "
         f"data {args.data} ({n_train} training slices with brain, cache ready in {prep_s:.1f} s); "
         f"{args.warmup} warm-up + {args.steps} timed steps per row; DataLoader workers {args.workers}",
         f"model FLOPs per step (forward + backward, FlopCounterMode): {flops / 1e9:,.1f} GFLOP; "

@@ -161,6 +161,10 @@ MUTANTS = [
     ("SIGINT saves one batch too few", "train.py", "progress.batch, progress.totals, progress.seconds = b + 1,",
      "progress.batch, progress.totals, progress.seconds = b,", "tests/test_resume.py"),
     ("a non-finite loss goes unnoticed", "train.py", "if 0 <= first_bad < math.inf:", "if False:", "tests/test_resume.py"),
+    # bench/throughput.py (gpu.sh step b)
+    ("the seed baseline reads the slice itself as its lower neighbour", "bench/throughput.py",
+     "for z in range(k - self.context, k)]", "for z in range(k - self.context + 1, k + 1)]",
+     "tests/test_gpu_sh.py -k neighbours"),
     # bench/cpu_speed.py
     ("cpu_speed's compiled rows time an uncompiled evaluation", "bench/cpu_speed.py",
      "eval_model = torch.compile(model) if speed.compile else model", "eval_model = model",

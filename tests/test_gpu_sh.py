@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu.sh"
@@ -138,3 +139,41 @@ def test_on_cuda_a_kernel_test_skipped_for_another_reason_fails_the_step(tmp_pat
     else:
         assert rc == 1 and row[0] == "skips" and row[2].startswith("UNEXPECTED SKIPS: SKIPPED [1] tests/test_fused")
         assert 'GPU_SH_STEPS="f"' in summary
+
+
+def test_throughput_bench_runs_every_cpu_row_with_train_pys_defaults(tmp_path):
+    """Step b's script on the CPU at tiny sizes: every row it can time there runs train.py's model and step with
+    train.py's defaults (context slices included, the seed baseline reading the neighbours' files too), none fails."""
+    out = tmp_path / "throughput.md"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--device", "cpu", "--quick",
+                          "--rows", "seed,cache,resident,channels_last", "--workers", "0", "--steps", "1", "--warmup", "1",
+                          "--cache-dir", str(tmp_path / "c"), "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = out.read_text()
+    assert "4 modalities x 3 slices of context in" in report and "rows failed: none" in report
+    rows = [line.split("|")[1:3] for line in report.splitlines() if line.startswith("| ") and "slices/s" not in line]
+    timed = [label.strip() for label, rate in rows if rate.strip().replace(",", "").replace(".", "").isdigit()]
+    assert len(timed) == 4 and timed[0].startswith("seed baseline"), rows
+
+
+def test_the_seed_baseline_reads_each_slice_with_its_neighbours(tmp_path):
+    """bench/throughput.py's seed dataset: slice k's input is slices k-1, k, k+1 (ends repeated), each read and
+    normalised on its own, neighbour by neighbour as feed.with_context orders them; the mask is slice k's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    import data
+
+    root = data.write_synthetic(tmp_path / "ph", 1, 5)
+    (files,) = data.list_h5(root).values()
+    dataset = throughput.H5Slices([files], 16, [0, 1, 2, 3], context=1)
+    single = throughput.H5Slices([files], 16, [0, 1, 2, 3], context=0)
+    assert len(dataset) == 5
+    for k, (below, above) in ((0, (0, 1)), (2, (1, 3)), (4, (3, 4))):
+        x, y = dataset[k]
+        assert x.shape == (12, 16, 16) and torch.equal(y, single[k][1])
+        for j, z in enumerate((below, k, above)):
+            assert torch.equal(x[4 * j:4 * j + 4], single[z][0]), (k, j)
