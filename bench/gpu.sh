@@ -45,7 +45,7 @@
 #   python3 -m venv /tmp/venv211 && /tmp/venv211/bin/pip install torch==2.11.0 triton==3.6.0 'numpy<2.4' \
 #       opencv-python-headless matplotlib scipy h5py tqdm pytest      # PyPI's CUDA build, ~5 GB; runs on a CPU
 #   GPU_SH_DEVICE=cpu OUT=/tmp/gpu-dry PYTHON=/tmp/venv211/bin/python bash bench/gpu.sh
-# (63 s on a 2-core AMD EPYC on 2026-12-04, at commit-time of "Minimal again".) A test in tests/test_gpu_sh.py checks the script's own logic on
+# (63 s on a 2-core AMD EPYC, 2026-12-04, commit d18c966.) A test in tests/test_gpu_sh.py checks the script's own logic on
 # every CI run: stale files, the budget, failed steps and their rerun command, the commit it names.
 
 set -uo pipefail
