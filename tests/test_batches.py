@@ -131,3 +131,12 @@ def test_modality_dropout_blanks_one_modality_on_every_context_copy():
         assert blank[:, 0].any() and blank[:, 1].any()
         assert torch.equal(out[~blank], plain[~blank])
 
+
+
+def test_batches_without_augmentation_are_the_cached_slices(tagged):
+    """augment=False: every batch is exactly its slices' images (with context) and masks, in the epoch's order."""
+    batches = feed.TrainBatches(tagged, ["v0", "v1", "v2"], [0, 1], "cpu", 3, context=1, augment=False, seed=5)
+    raw = feed.load_slices(tagged, ["v0", "v1", "v2"], [0, 1], context=1)
+    order = feed.epoch_order(len(raw), 5, 2)[:len(batches) * 3]
+    for (x, y), idx in zip(epoch_batches(batches, 2), order.split(3)):
+        assert torch.equal(x, raw.inputs(idx).float()) and torch.equal(y, raw.masks[idx].unsqueeze(1))

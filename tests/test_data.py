@@ -87,6 +87,23 @@ def test_split_is_by_patient_seeded_and_70_15_15():
         data.split_volumes(["a", "b"], seed=0)
 
 
+@pytest.mark.parametrize("n,k", [(17, 5), (14, 7), (32, 8), (3, 3)])
+def test_k_folds_are_disjoint_cover_every_patient_and_test_each_once(n, k):
+    """--folds K as sets: in every fold train, val and test are pairwise disjoint and together all patients; the
+    validation fold is the next fold's test fold; over the K folds every patient is tested exactly once and
+    validates exactly once; fold sizes differ by at most one."""
+    ids = [f"p{i:02d}" for i in range(n)]
+    splits = [data.split_volumes(ids, seed=1, folds=k, fold=f) for f in range(k)]
+    for f, s in enumerate(splits):
+        train, val, test = set(s["train"]), set(s["val"]), set(s["test"])
+        assert not (train & val or train & test or val & test), f
+        assert train | val | test == set(ids) and train, f
+        assert val == set(splits[(f + 1) % k]["test"]), f
+    tested = [p for s in splits for p in s["test"]]
+    assert sorted(tested) == ids and sorted(p for s in splits for p in s["val"]) == ids
+    assert max(map(len, (s["test"] for s in splits))) - min(map(len, (s["test"] for s in splits))) <= 1
+
+
 def test_synthetic_goes_through_the_h5_layout_and_the_cache_round_trips(tmp_path):
     cache = data.prepare("synthetic:3x8", 32, tmp_path, crop_to_brain=False)
     h5 = sorted((tmp_path / "synthetic-v1-3x8" / "BraTS2020_training_data" / "content" / "data").glob("*.h5"))

@@ -70,9 +70,9 @@ def test_validation_dice_is_the_mean_over_volumes_not_pooled(tmp_path):
     images[1, 0, :10, :30] = 1
     val = feed.SliceSet(images, masks, torch.tensor([0, 1]), ["v0", "v1"], feed.context_index([1, 1], 0))
 
-    class Marked(torch.nn.Module):  # logits +10 where the image is marked
+    class Marked(torch.nn.Module):  # logit 0.3 where the image is marked: probability 0.57, tumour at threshold 0.5
         def forward(self, x):
-            return torch.where(x[:, :1] > 0, 10.0, -10.0)
+            return torch.where(x[:, :1] > 0, 0.3, -10.0)
 
     run = train.Run(torch.device("cpu"), inference.Speed(None, False, False), tmp_path)
     out = train.validate(Marked(), val, train.TrainConfig(), run, batch_size=1)
@@ -136,3 +136,32 @@ def test_prediction_batches_all_have_one_shape():
                                       inference.Speed(None, False, False))
     assert shapes == [(3, 2, 4, 4)] * 3
     assert torch.equal(logits, images[:, 0] * 2)
+
+
+def test_evaluate_passes_each_axis_its_own_spacing(tmp_path):
+    """A volume of 2 x 1 x 3 mm voxels (x, y, z: the cache's spacing order; slices stacked (z, x, y)) whose
+    prediction is the tumour shifted by 1, 2 and 3 voxels along z, x and y: evaluate's HD95 is the brute-force
+    float64 one with the spacing in the slices' (z, x, y) order, and differs from every other order of it."""
+    import itertools
+
+    from test_metrics import directed_hd95
+
+    f = (data.RAW_SIZE, data.RAW_SIZE)
+    full_true = np.zeros((6, *f), bool)
+    full_true[1:3] = square(f, slice(100, 110), slice(90, 104))
+    full_true[3] = square(f, slice(101, 108), slice(92, 100))
+    full_pred = np.roll(full_true, (1, 2, 3), axis=(0, 1, 2))
+    np.save(tmp_path / "full_V.npy", full_true[1:5].astype(np.uint8))
+    meta = {"size": 32, "volumes": [{"id": "V", "depth": 6, "slices": [1, 2, 3, 4], "box": [0, 0, 240],
+                                     "spacing": [2.0, 1.0, 3.0]}]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    summary, _, _ = inference.evaluate({"V": full_pred[1:5].astype(np.float16)}, data.Cache(tmp_path, meta),
+                                       {"threshold": 0.5, "min_component": 0, "largest_3d": False})
+
+    def brute(spacing):
+        return max(directed_hd95(full_pred, full_true, spacing), directed_hd95(full_true, full_pred, spacing))
+
+    expected = brute((3.0, 2.0, 1.0))  # (z_mm, x_mm, y_mm)
+    assert summary["per_volume"][0]["hd95_mm"] == pytest.approx(expected)
+    others = [s for s in itertools.permutations((2.0, 1.0, 3.0)) if s != (3.0, 2.0, 1.0)] + [(1.0, 1.0, 1.0)]
+    assert all(abs(brute(s) - expected) > 0.1 for s in others), [(s, brute(s)) for s in others]

@@ -208,7 +208,8 @@ def test_two_samples_exact(backend, device):
     torch.testing.assert_close(grad[1], torch.full_like(grad[1], -39 / 200))
 
 
-def dice_bce_float64(x: np.ndarray, y: np.ndarray, smooth: float = 1.0) -> float:
+def dice_bce_float64(x: np.ndarray, y: np.ndarray, smooth: float = 1.0, bce_weight: float = 1.0,
+                     dice_weight: float = 1.0) -> float:
     """Dice+BCE from the textbook formulas in float64 numpy: BCE = -mean(y log p + (1 - y) log(1 - p)),
     one Dice over all N * M elements."""
     x = x.astype(np.float64)
@@ -216,7 +217,22 @@ def dice_bce_float64(x: np.ndarray, y: np.ndarray, smooth: float = 1.0) -> float
     p = 1.0 / (1.0 + np.exp(-x))
     bce = -np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p))
     dice = (2.0 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
-    return float(bce + 1.0 - dice)
+    return float(bce_weight * bce + dice_weight * (1.0 - dice))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_every_argument_against_the_float64_formula(backend, device):
+    """smooth, bce_weight and dice_weight at values far from their defaults, loss and gradient against the float64
+    formula and its finite differences: an argument a backend ignores (or two it swaps) shows."""
+    logits, target = uneven_batch(device)
+    x, y = logits.cpu().numpy(), target.cpu().numpy()
+    args = {"smooth": 25.0, "bce_weight": 0.3, "dice_weight": 1.7}
+    loss, grad = run(logits, target, backend=backend, **args)
+    assert loss.item() == pytest.approx(dice_bce_float64(x, y, **args), rel=1e-5)
+    for changed in ({**args, "smooth": 1.0}, {**args, "bce_weight": 1.7, "dice_weight": 0.3}):
+        assert abs(dice_bce_float64(x, y, **changed) - loss.item()) > 1e-3  # the inputs tell each argument apart
+    want = torch.from_numpy(finite_difference_grad(lambda v: dice_bce_float64(v, y, **args), x))
+    torch.testing.assert_close(grad.cpu().double(), want, rtol=1e-3, atol=1e-7)
 
 
 def finite_difference_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:

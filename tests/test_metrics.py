@@ -88,6 +88,8 @@ def test_hd95_empty_conventions():
     some[1, 2, 3] = True
     assert math.isnan(metrics.hd95(some, empty))
     assert metrics.hd95(empty, some) == pytest.approx(math.sqrt(4**2 + 6**2 + 8**2))
+    # an empty prediction is the volume's diagonal in mm: each axis's voxels times its own spacing
+    assert metrics.hd95(empty, some, spacing=(3.0, 1.0, 1.0)) == pytest.approx(math.sqrt(12**2 + 6**2 + 8**2))
 
 
 def test_remove_small_components_per_slice():
@@ -111,6 +113,18 @@ def test_keep_largest_component_in_3d():
     assert not metrics.keep_largest_component(np.zeros((2, 3, 3), bool)).any()
 
 
+def directed_hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """95th percentile of the distances (mm) from each surface voxel of a to the nearest of b's, brute force in
+    float64: every pair of surface points."""
+    from scipy import ndimage
+
+    def surface_points(m):
+        return np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * np.array(spacing, np.float64)
+
+    pa, pb = surface_points(a), surface_points(b)
+    return float(np.percentile(np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1)).min(1), 95))
+
+
 def test_hd95_matches_brute_force_surface_distances():
     from scipy import ndimage
 
@@ -119,11 +133,19 @@ def test_hd95_matches_brute_force_surface_distances():
         a = ndimage.binary_dilation(rng.random((12, 16, 14)) > 0.97, iterations=2)
         b = ndimage.binary_dilation(rng.random((12, 16, 14)) > 0.97, iterations=2)
         spacing = (2.0, 1.0, 0.5)
-
-        def surface_points(m):
-            return np.argwhere(m & ~ndimage.binary_erosion(m, border_value=0)) * np.array(spacing)
-
-        pa, pb = surface_points(a), surface_points(b)
-        d = np.sqrt(((pa[:, None] - pb[None]) ** 2).sum(-1))
-        expected = max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+        expected = max(directed_hd95(a, b, spacing), directed_hd95(b, a, spacing))
         assert metrics.hd95(a, b, spacing) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (3.0, 1.0, 0.5)])
+def test_hd95_takes_both_directions_on_nested_shapes(spacing):
+    """A small cube inside a large one: every voxel of the small cube's surface is 3 voxels from the large one's, but
+    the large one's corners are far from the small one, so the two directions differ and the symmetric HD95 is the
+    larger, whichever mask is the prediction."""
+    big, small = np.zeros((13, 13, 13), bool), np.zeros((13, 13, 13), bool)
+    big[2:11, 2:11, 2:11] = True
+    small[5:8, 5:8, 5:8] = True
+    inward, outward = directed_hd95(small, big, spacing), directed_hd95(big, small, spacing)
+    assert outward > inward + 0.5  # the input tells a one-directional distance apart
+    assert metrics.hd95(small, big, spacing) == pytest.approx(outward)
+    assert metrics.hd95(big, small, spacing) == pytest.approx(outward)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import feed
 import inference
 import predict
 import train
@@ -289,3 +290,38 @@ def test_flips_and_models_average_against_a_float64_reference(tta, n_models):
     np.testing.assert_allclose(got[:, :size, :size].astype(np.float64), expected, atol=2e-3)
     assert not got[:, size:, :].any() and not got[:, :, size:].any()  # outside the box: probability 0
 
+
+
+def test_an_ensemble_takes_the_median_post_processing_of_its_members(ckpt, tmp_path):
+    """Three members with thresholds 0.3, 0.7, 0.5, minimum components 10, 100, 50 and largest-3D on, off, on: the
+    ensemble uses 0.5, 50 and on (the medians and the majority), not its first member's 0.3, 10."""
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    paths = []
+    for i, (th, mc, l3) in enumerate(((0.3, 10, True), (0.7, 100, False), (0.5, 50, True))):
+        paths.append(tmp_path / f"m{i}.pt")
+        torch.save({**raw, "threshold": th, "min_component": mc, "largest_3d": l3}, paths[-1])
+    predictor = inference.Predictor.from_checkpoints(paths, torch.device("cpu"))
+    assert predictor.post == {"threshold": 0.5, "min_component": 50, "largest_3d": True}
+    assert inference.Predictor.from_checkpoints(paths[1:2], torch.device("cpu")).post == {
+        "threshold": 0.7, "min_component": 100, "largest_3d": False}
+
+
+def test_prediction_runs_the_model_in_eval_mode():
+    """A BatchNorm model left in training mode: predict_logits puts it in eval mode, so a slice's logits are the same
+    alone as inside a batch (batch statistics would make them depend on the other slices), and equal the model's own
+    eval-mode output."""
+    from unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_channels=4, base=4, depth=2, norm="batch"))
+    for _ in range(3):  # running statistics away from their initial values
+        model(torch.randn(4, 4, 16, 16) * 3 + 1)
+    model.train()
+    images = torch.randn(5, 4, 16, 16).half()
+    context = feed.context_index([5], 0)
+    fp32 = inference.Speed(None, False, False)
+    together = inference.predict_logits(model, images, context, torch.device("cpu"), 5, fp32)
+    alone = inference.predict_logits(model, images, context, torch.device("cpu"), 1, fp32)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(together, model.eval()(images.float())[:, 0], rtol=1e-5, atol=1e-5)

@@ -146,14 +146,15 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(cache, tmp_path, monke
     assert not list(out.glob(".tmp*")) and not (out / "metrics.json").exists()
 
 
-def test_a_non_finite_loss_stops_with_one_line(cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_non_finite_loss_stops_with_one_line(cache, tmp_path, monkeypatch, bad):
     out = tmp_path / "run"
     real_loss, calls = train.dice_bce_loss, []
 
     def nan_from_step_11(logits, target, **kwargs):
         calls.append(1)
         loss = real_loss(logits, target, **kwargs)
-        return loss * float("nan") if len(calls) >= 11 and logits.requires_grad else loss
+        return loss * float(bad) if len(calls) >= 11 and logits.requires_grad else loss
 
     monkeypatch.setattr(train, "dice_bce_loss", nan_from_step_11)
     code, err = run_in_process([*ARGS, "--cache-dir", str(cache), "--out", str(out)])

@@ -1,6 +1,7 @@
 """train.py end to end on tiny data, and every bad input as one line on stderr with a non-zero exit."""
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -100,6 +101,10 @@ def test_modality_dropout_reaches_the_augmentation(tmp_path, monkeypatch):
                           "--out", str(tmp_path / name), "--cache-dir", str(tmp_path / "c")]) == 0
     assert seen and set(seen) == {want for _, want in runs.values()}
     assert len({seen.count(want) for _, want in runs.values()}) == 1
+    seen.clear()  # --augment off: the augmentation is never called, the batches are the cached slices themselves
+    assert train.cli(["--data", "synthetic:6x12", *TINY, "--epochs", "1", "--augment", "off",
+                      "--out", str(tmp_path / "plain"), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert seen == []
 
 
 def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocessing(tmp_path, monkeypatch):
@@ -178,6 +183,34 @@ def test_train_seed_changes_the_training_randomness_and_not_the_split(tmp_path, 
     assert (batch0, batch_t1, batch1_t0, batch1) == (0, 1, 0, 1)
     assert torch.equal(weights1_t0, weights0) and torch.equal(weights_t1, weights1)
     assert not torch.equal(weights_t1, weights0)
+
+
+def test_each_step_takes_the_learning_rate_of_the_closed_form_schedule_and_the_weighted_loss():
+    """train.py's step, 9 times with --lr 0.01 over 8 scheduled steps, 3 of warm-up: after step s the optimiser's
+    learning rate is lr (s + 1) / 3 during warm-up, then lr (0.01 + 0.99 (1 + cos(pi (s - 3) / 5)) / 2), held at
+    the 1% floor past the end (closed form, written here). Each step's loss is --bce-weight x BCE + --dice-weight x
+    (1 - Dice) of its own logits, in float64 here (0.25 and 2.0, so swapping them shows)."""
+    cfg = train.TrainConfig(size=16, base=4, depth=2, lr=0.01, context=0, bce_weight=0.25, dice_weight=2.0,
+                            device="cpu")
+    cpu, speed = torch.device("cpu"), inference.Speed(None, False, False)
+    torch.manual_seed(0)
+    model = train.build_model(cfg)
+    optimizer, scheduler = train.make_optimizer(model, cfg, cpu, total_steps=8, warmup_steps=3)
+    step = train.make_train_step(model, optimizer, scheduler, train.make_scaler(cpu, speed), cfg, cpu, speed)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 3)  # step 0 runs at the first warm-up rate
+    for s in range(9):
+        x = torch.randn(2, 4, 16, 16)
+        y = (torch.rand(2, 1, 16, 16) > 0.6).to(torch.uint8)
+        loss, logits = step(x, y)
+        z, t = logits.double(), y.double()
+        bce = (torch.clamp(z, min=0) - z * t + torch.log1p(torch.exp(-z.abs()))).mean()
+        p = torch.sigmoid(z)
+        dice = (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+        assert loss.item() == pytest.approx((0.25 * bce + 2.0 * (1 - dice)).item(), rel=1e-5), s
+        nxt = s + 1  # the scheduler has stepped once per optimisation step
+        factor = (nxt + 1) / 3 if nxt < 3 else 0.01 + 0.99 * (1 + math.cos(math.pi * min(1, (nxt - 3) / 5))) / 2
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * factor, rel=1e-9), s
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # the floor, not 0
 
 
 def test_a_train_step_learns(tmp_path):
