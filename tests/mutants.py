@@ -194,6 +194,15 @@ MUTANTS = [
      'sorted(set(ids) - set(test))', "tests/test_data.py -k k_folds"),
     ("validation Dice thresholds the logits at 0.5", "train.py", "per_slice = metrics.counts(logits > 0, masks)",
      "per_slice = metrics.counts(logits > 0.5, masks)", "tests/test_evaluation.py"),
+    # every flag's effect (tests/test_flags.py)
+    ("--weight-decay never reaches AdamW", "train.py", "lr=cfg.lr, weight_decay=cfg.weight_decay,", "lr=cfg.lr,",
+     "tests/test_flags.py -k weight"),
+    ("--warmup ignored: one step of warm-up", "train.py", "max(1, int(cfg.warmup * len(batches)))", "1",
+     "tests/test_flags.py -k warmup"),
+    ("--cache-dir ignored", "train.py", "    cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir,",
+     "    cache = data.prepare(cfg.data, cfg.size, None,", "tests/test_flags.py -k cache"),
+    ("the checkpoint says crop on whatever --crop", "inference.py", '"crop": cfg["crop"] == "on",', '"crop": True,',
+     "tests/test_flags.py -k crop"),
     # bench/throughput.py (gpu.sh step b)
     ("the seed baseline reads the slice itself as its lower neighbour", "bench/throughput.py",
      "for z in range(k - self.context, k)]", "for z in range(k - self.context + 1, k + 1)]",
