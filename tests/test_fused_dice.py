@@ -691,6 +691,7 @@ def test_bench_loss_runs_and_agrees():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line.strip("|").split("|") for line in proc.stdout.splitlines() if line.startswith("| 2 |")]
     losses = {(r[0].strip(), r[1].strip(), r[2].strip()): float(r[-1]) for r in rows}
+    losses = {k: v for k, v in losses.items() if k[2] != "monai"}  # an optional, similar-not-equal loss: no verdict
     assert set(losses) == {("2", dt, impl) for dt in ("bfloat16", "float32") for impl in ("triton", "eager")}
     for (b, dt, impl), loss in losses.items():
         assert 1.0 < loss < 3.5  # ~1.4 (BCE of logits 3 N(0, 1)) + ~0.8 (1 - Dice of a 10% mask): the loss, not a time
