@@ -165,3 +165,9 @@ def test_evaluate_passes_each_axis_its_own_spacing(tmp_path):
     assert summary["per_volume"][0]["hd95_mm"] == pytest.approx(expected)
     others = [s for s in itertools.permutations((2.0, 1.0, 3.0)) if s != (3.0, 2.0, 1.0)] + [(1.0, 1.0, 1.0)]
     assert all(abs(brute(s) - expected) > 0.1 for s in others), [(s, brute(s)) for s in others]
+
+
+def test_postprocess_threshold_keeps_probabilities_equal_to_it():
+    """A pixel whose probability is exactly the threshold is tumour (probability >= threshold), one below is not."""
+    probs = np.array([[[0.5, 0.4995, 0.75]]], np.float32)
+    assert inference.postprocess(probs, 0.5, 0).tolist() == [[[True, False, True]]]

@@ -325,3 +325,22 @@ def test_prediction_runs_the_model_in_eval_mode():
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(together, model.eval()(images.float())[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("crop", [False, True])
+def test_the_predictor_preprocesses_with_the_checkpoints_crop(ckpt, tmp_path, monkeypatch, crop):
+    """A checkpoint trained with --crop off is run on whole frames, one with --crop on on the brain's box."""
+    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    path = tmp_path / "c.pt"
+    torch.save({**raw, "crop": crop}, path)
+    seen, original = [], data.preprocess_volume
+
+    def spy(image, size, crop_to_brain=True):
+        seen.append(crop_to_brain)
+        return original(image, size, crop_to_brain)
+
+    monkeypatch.setattr(data, "preprocess_volume", spy)
+    image = np.zeros((3, 240, 240, 4), np.float32)
+    image[:, 60:180, 80:160] = np.random.default_rng(0).uniform(1, 2, (3, 120, 80, 4))
+    inference.Predictor.from_checkpoints([path], torch.device("cpu")).segment(image)
+    assert seen == [crop]
