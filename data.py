@@ -493,6 +493,19 @@ def build_workers(slices: int) -> int:
     return 1 if slices < 1000 else max(1, min(8, cpus))
 
 
+def finished_cache(folder: Path) -> Cache | None:
+    """The cache in `folder` if its build finished: meta.json readable and every volume's three files there; None
+    for a build to (re)do: never started, interrupted, or damaged since (a truncated meta.json, a file removed)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        ids = [v["id"] for v in meta["volumes"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not all((folder / f"{part}_{vid}.npy").is_file() for vid in ids for part in ("images", "masks", "full")):
+        return None
+    return Cache(folder, meta)
+
+
 def prepare(spec: str, size: int, cache_dir: Path | None = None, crop_to_brain: bool = True,
             workers: int | None = None) -> Cache:
     """Resolve a --data source, build its preprocessed cache once, and return it.
@@ -530,8 +543,9 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None, crop_to_brain: 
     key = hashlib.sha1(json.dumps([CACHE_VERSION, kind, str(root.resolve()), fingerprint(files), size, crop_to_brain]
                                   ).encode()).hexdigest()[:16]
     folder = cache_dir / f"{kind}-{size}{'-crop' if crop_to_brain else ''}-{key}"
-    if (folder / "meta.json").exists():
-        return Cache(folder, json.loads((folder / "meta.json").read_text()))
+    cached = finished_cache(folder)
+    if cached is not None:
+        return cached
     for vid in sources:
         if not re.fullmatch(r"[\w.-]+", vid):
             raise DataError(f"volume name {vid!r} has characters that cannot name a cache file")

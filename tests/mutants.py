@@ -1,6 +1,6 @@
 """Plant one bug at a time in a copy of the code and check that the tests meant to see it fail.
 
-    python tests/mutants.py                 # every mutant (~13 min on 2 cores)
+    python tests/mutants.py                 # every mutant (~14 min on 2 cores)
     python tests/mutants.py context nan     # the mutants whose names contain these words
 
 A mutant is (name, file, old text, new text, tests to run); `old` must occur in the file (a mutant that no longer
@@ -251,7 +251,15 @@ MUTANTS = [
      'p = pred.reshape(1, -1).expand(pred.shape[0], -1).bool()', 'tests/test_metrics.py'),
     # data: half-built caches, non-finite voxels, one-hot masks, preprocessing geometry (tests/test_data_faults.py)
     ("a cache folder with volume files but no meta.json taken as finished", "data.py",
-     'if (folder / "meta.json").exists():', 'if any(folder.glob("images_*.npy")):', "tests/test_data_faults.py -k meta_json"),
+     'meta = json.loads((folder / "meta.json").read_text())',
+     'meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {"volumes": []}',
+     "tests/test_data_faults.py -k meta_json"),
+    ("a truncated meta.json crashes prepare instead of a rebuild", "data.py",
+     "    except (OSError, ValueError, KeyError, TypeError):\n        return None",
+     "    except (OSError, KeyError, TypeError):\n        return None", "tests/test_data_faults.py -k truncated_meta"),
+    ("a cache missing a volume's file taken as finished", "data.py",
+     '    if not all((folder / f"{part}_{vid}.npy").is_file()', '    if False and not all((folder / f"{part}_{vid}.npy").is_file()',
+     "tests/test_data_faults.py -k missing_a_volume"),
     ("meta.json written in place, not atomically", "data.py",
      'with atomic_path(folder / "meta.json") as tmp:\n        tmp.write_text(json.dumps(meta))',
      'if True:\n        (folder / "meta.json").write_text(json.dumps(meta))', "tests/test_data_faults.py -k full_disk"),
