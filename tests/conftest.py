@@ -66,3 +66,17 @@ def real_h5(sample_dir, tmp_path_factory) -> Path:
         image, label = read_case_with_nibabel(sample_dir / case)
         write_h5_slices(folder, v, image, label, range(45, 109, 4))
     return root
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny checkpoint (base 4, depth 2, 32 px) trained for one epoch on 3 synthetic phantoms (~7 s on a CPU)."""
+    import train
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    rc = train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
+                    "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")])
+    assert rc == 0
+    path = tmp / "run" / "best.pt"
+    assert path.is_file()
+    return path

@@ -388,17 +388,7 @@ def test_uncrop_at_the_box_size_places_values_exactly() -> None:
 # 5. one unreadable case does not abort a predict.py run
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A tiny checkpoint (base 4, depth 2, 32 px) trained for one epoch on 3 synthetic phantoms."""
-    tmp = tmp_path_factory.mktemp("tiny_faults")
-    rc = train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
-                    "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")])
-    assert rc == 0
-    return tmp / "run" / "best.pt"
-
-
-def test_a_truncated_nifti_fails_its_case_only(tiny_ckpt: Path, sample_dir: Path, tmp_path: Path) -> None:
+def test_a_truncated_nifti_fails_its_case_only(ckpt: Path, sample_dir: Path, tmp_path: Path) -> None:
     """Case 1's T1 is a .nii.gz cut in half (nibabel raises EOFError while reading it); case 2 is a real case.
     The run prints one stderr line for case 1 naming the file, still writes case 2's mask and montage, and exits 1."""
     bad_name, good_name = SAMPLE_CASES[1], SAMPLE_CASES[0]
@@ -414,7 +404,7 @@ def test_a_truncated_nifti_fails_its_case_only(tiny_ckpt: Path, sample_dir: Path
     good.symlink_to(sample_dir / good_name)
     out, stdout, stderr = tmp_path / "out", io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = predict.cli(["--ckpt", str(tiny_ckpt), "--out", str(out), "--device", "cpu", str(bad), str(good)])
+        rc = predict.cli(["--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", str(bad), str(good)])
     errors = [line for line in stderr.getvalue().splitlines() if line.strip()]
     assert rc == 1
     assert len(errors) == 1 and errors[0].startswith(f"predict.py: error: case {bad_name} failed:")

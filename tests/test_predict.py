@@ -24,18 +24,6 @@ GOOD = "Brats18_2013_11_1"  # has a _seg file
 OTHER = "Brats18_2013_3_1"  # copied without its t1ce
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A tiny checkpoint (base 4, depth 2, 32 px) trained for one epoch on 3 synthetic phantoms (~7 s on a CPU)."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    rc = train.cli(["--data", "synthetic:3x6", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
-                    "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")])
-    assert rc == 0
-    path = tmp / "run" / "best.pt"
-    assert path.is_file()
-    return path
-
-
 @pytest.fixture
 def sample() -> Path:
     if not (SAMPLE / GOOD).is_dir():
