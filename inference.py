@@ -24,7 +24,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_COMPONENTS = (0, 10, 25, 50, 100, 200, 400)  # pixels at 240 x 240
 CHECKPOINT_KEYS = ("model", "unet", "channels", "context", "size", "crop", "threshold", "min_component", "largest_3d")
 # levers removed after commit 60d0b04 (records/README.md): a checkpoint trained with one needs that commit
-REMOVED_LEVERS = {"context_step": 1, "asymmetry": False, "planes": 1}
+REMOVED_LEVERS = {"context_step": 1, "asymmetry": False, "planes": 1, "deep_supervision": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,8 +126,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing:
             raise KeyError(f"lacks {', '.join(missing)}: not a train.py checkpoint")
-        used = {**{k: ckpt[k] for k in REMOVED_LEVERS if ckpt.get(k, REMOVED_LEVERS[k]) != REMOVED_LEVERS[k]},
-                **({"deep_supervision": ckpt["unet"]["deep_supervision"]} if ckpt["unet"].get("deep_supervision") else {})}
+        settings = {**ckpt, "deep_supervision": ckpt["unet"].get("deep_supervision", 0)}  # a UNetConfig field then
+        used = {k: settings[k] for k, off in REMOVED_LEVERS.items() if settings.get(k, off) != off}
         if used:
             raise ValueError(f"trained with {used}, levers this version no longer has: predict with commit 60d0b04")
         model = UNet(UNetConfig(**{k: v for k, v in ckpt["unet"].items() if k != "deep_supervision"}))
