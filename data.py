@@ -604,12 +604,20 @@ def build_in_workers(args: dict[str, tuple], workers: int, built: dict[str, dict
 # Split by patient
 
 
+def site_of(volume_id: str) -> str:
+    """The acquiring site in a BraTS 2017-19 case name (Brats18_<site>_<id>_1: '2013', 'CBICA', 'TCIA01', ...); '' for
+    names without one (BraTS20_Training_NNN, the Kaggle volumes): then every case is of one site."""
+    match = re.match(r"Brats1[789]_([A-Za-z0-9]+)_", volume_id)
+    return match.group(1) if match else ""
+
+
 def split_volumes(volume_ids: list[str], seed: int, folds: int = 0, fold: int = 0) -> dict[str, list[str]]:
     """Seeded split of volumes (patients) into train / val / test.
 
     folds == 0: 70 / 15 / 15, val and test at least one volume each.
-    folds == K: K-fold cross-validation by patient. The seeded order is cut into K near-equal folds; fold `fold`
-    is the test set and the next fold the validation set, so over fold = 0..K-1 every patient is tested once.
+    folds == K: K-fold cross-validation by patient, stratified by site (site_of): the seeded order, grouped by site,
+    is dealt round the K folds, so each site's cases spread evenly over the folds; fold `fold` is the test set and
+    the next fold the validation set, so over fold = 0..K-1 every patient is tested once.
     """
     n = len(volume_ids)
     if n < 3:
@@ -620,6 +628,7 @@ def split_volumes(volume_ids: list[str], seed: int, folds: int = 0, fold: int = 
             raise DataError(f"--folds must be between 3 and the number of volumes ({n}), got {folds}")
         if not 0 <= fold < folds:
             raise DataError(f"--fold must be in 0..{folds - 1}, got {fold}")
+        ids.sort(key=site_of)  # stable: the seeded order within each site
         parts = [ids[i::folds] for i in range(folds)]
         test, val = parts[fold], parts[(fold + 1) % folds]
         return {"train": sorted(set(ids) - set(test) - set(val)), "val": sorted(val), "test": sorted(test)}

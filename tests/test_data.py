@@ -104,6 +104,25 @@ def test_k_folds_are_disjoint_cover_every_patient_and_test_each_once(n, k):
     assert max(map(len, (s["test"] for s in splits))) - min(map(len, (s["test"] for s in splits))) <= 1
 
 
+def test_site_is_read_from_brats_2018_names_only():
+    assert [data.site_of(v) for v in ("Brats18_CBICA_AOP_1", "Brats18_2013_11_1", "Brats17_TCIA10_628_1",
+                                      "BraTS20_Training_001", "volume_41")] == ["CBICA", "2013", "TCIA10", "", ""]
+
+
+def test_k_folds_are_stratified_by_site():
+    """Three sites of 8, 4 and 3 cases over 4 folds: the 8 put exactly 2 in every fold, the 4 exactly 1, the 3 one
+    in each of three folds; with no site in the names the folds are the unstratified seeded cut."""
+    ids = [f"Brats18_CBICA_{i:03d}_1" for i in range(8)] + [f"Brats18_TCIA01_{i}_1" for i in range(4)] + \
+          [f"Brats18_2013_{i}_1" for i in range(3)]
+    tests = [data.split_volumes(ids, seed=5, folds=4, fold=f)["test"] for f in range(4)]
+    for site, per_fold in (("CBICA", [2] * 4), ("TCIA01", [1] * 4)):
+        assert [sum(data.site_of(v) == site for v in t) for t in tests] == per_fold, site
+    assert sorted(sum(data.site_of(v) == "2013" for v in t) for t in tests) == [0, 1, 1, 1]
+    plain = [f"v{i:02d}" for i in range(15)]
+    order = [plain[i] for i in np.random.default_rng(5).permutation(15)]
+    assert data.split_volumes(plain, seed=5, folds=4, fold=1)["test"] == sorted(order[1::4])
+
+
 def test_synthetic_goes_through_the_h5_layout_and_the_cache_round_trips(tmp_path):
     cache = data.prepare("synthetic:3x8", 32, tmp_path, crop_to_brain=False)
     h5 = sorted((tmp_path / "synthetic-v1-3x8" / "BraTS2020_training_data" / "content" / "data").glob("*.h5"))
