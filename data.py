@@ -3,8 +3,10 @@
 One canonical channel order everywhere: CHANNELS = (FLAIR, T1, T1Gd, T2), the order of the Kaggle .h5 files
 (see README, "Channel order"). Every source becomes volumes of slices taken along the last NIfTI axis (z),
 is normalised per volume and per modality, resized with OpenCV, and cached on disk once as compact arrays:
-float16 images (S, C, size, size), uint8 masks (S, size, size) and the uint8 mask at the original 240 x 240
-resolution, which every test metric is measured against.
+float16 images (S, C, size, size), uint8 label maps (S, size, size) and the uint8 label map at the original
+240 x 240 resolution, which every test metric is measured against. The labels are BraTS's (0, 1 necrotic/non-enhancing
+core, 2 oedema, 4 enhancing tumour); a model learns regions of them (REGIONS): the whole tumour alone, or BraTS's
+three nested regions.
 """
 from __future__ import annotations
 
@@ -27,12 +29,15 @@ from tqdm import tqdm
 CHANNELS = ("flair", "t1", "t1ce", "t2")  # T2-FLAIR, T1, T1Gd (contrast-enhanced), T2
 FLAIR = CHANNELS.index("flair")
 RAW_SIZE = 240  # BraTS in-plane size, both layouts
-CACHE_VERSION = 2  # 2: slices cropped to the brain's box before resizing (meta "box")
+CACHE_VERSION = 3  # 2: slices cropped to the brain's box before resizing (meta "box"); 3: label maps, not 0/1 masks
 SYNTHETIC_VERSION = 1  # the phantoms' own format, independent of the cache's
 CROP_MARGIN = 4  # voxels of background kept around the brain's box
 KAGGLE_DATASET = "awsaf49/brats2020-training-data"
 H5_NAME = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
 DEFAULT_SYNTHETIC = (12, 40)  # volumes x slices of `--data synthetic`
+REGIONS = {"wt": (1, 2, 4), "tc": (1, 4), "et": (4,)}  # whole tumour, tumour core, enhancing tumour: their labels
+TARGETS = {"wt": ("wt",), "regions": ("wt", "tc", "et")}  # train.py --target: the regions a model learns
+INNERMOST_LABEL = {"wt": 2, "tc": 1, "et": 4}  # the label of a voxel whose innermost region is this one
 
 
 class UserError(Exception):
@@ -336,13 +341,15 @@ def crop(x: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
 
 
 def uncrop(values: torch.Tensor, box: tuple[int, int, int], frame: int = RAW_SIZE, fill: float = 0.0) -> torch.Tensor:
-    """Values (S, size, size) computed on a cropped box, back in the full frame (S, frame, frame): bilinear resize
-    to the box, `fill` outside it."""
+    """Values (..., size, size) computed on a cropped box (e.g. logits (S, R, size, size)), back in the full frame
+    (..., frame, frame): bilinear resize to the box, `fill` outside it."""
     x0, y0, side = box
+    lead = values.shape[:-2]
     if values.shape[-1] != side:
-        values = F.interpolate(values[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)[:, 0]
-    out = values.new_full((values.shape[0], frame, frame), fill)
-    out[:, x0:x0 + side, y0:y0 + side] = values
+        flat = values.reshape(-1, 1, *values.shape[-2:]).float()
+        values = F.interpolate(flat, size=(side, side), mode="bilinear", align_corners=False).reshape(*lead, side, side)
+    out = values.new_full((*lead, frame, frame), fill)
+    out[..., x0:x0 + side, y0:y0 + side] = values
     return out
 
 
@@ -448,11 +455,37 @@ class Cache:
         return np.load(self.root / f"images_{vid}.npy", mmap_mode="r" if mmap else None)
 
     def masks(self, vid: str, mmap: bool = False) -> np.ndarray:
+        """The label maps (S, size, size) of the kept slices at the training size."""
         return np.load(self.root / f"masks_{vid}.npy", mmap_mode="r" if mmap else None)
 
-    def full_masks(self, vid: str) -> np.ndarray:
-        """The whole-tumour mask of the kept slices at the original 240 x 240 resolution."""
+    def full_labels(self, vid: str) -> np.ndarray:
+        """The label maps (S, 240, 240) of the kept slices at the original resolution."""
         return np.load(self.root / f"full_{vid}.npy")
+
+
+def region_masks(label, regions: tuple[str, ...] | list[str]):
+    """Label maps (S, H, W) (numpy or torch) → boolean masks (S, R, H, W) of the regions (REGIONS), which overlap:
+    an enhancing voxel is in all three."""
+    stack = torch.stack if isinstance(label, torch.Tensor) else np.stack
+    masks = []
+    for region in regions:
+        first, *rest = REGIONS[region]
+        mask = label == first
+        for k in rest:
+            mask = mask | (label == k)
+        masks.append(mask)
+    return stack(masks, 1)
+
+
+def labels_from_regions(masks: np.ndarray, regions: tuple[str, ...] | list[str]) -> np.ndarray:
+    """Boolean region masks (S, R, H, W) → a BraTS label map (S, H, W) uint8: each voxel gets the label of the
+    innermost region that holds it (ET → 4, TC without ET → 1, WT without TC → 2), so a region predicted outside
+    its outer one widens the outer one, as in nnU-Net's BraTS export. region_masks of the result: the nested masks."""
+    order = sorted(range(len(regions)), key=lambda i: len(REGIONS[regions[i]]), reverse=True)  # outer first
+    label = np.zeros((masks.shape[0], *masks.shape[2:]), np.uint8)
+    for i in order:
+        label[masks[:, i]] = INNERMOST_LABEL[regions[i]]
+    return label
 
 
 def read_volume(kind: str, source: list[Path] | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -472,10 +505,10 @@ def build_volume(folder: Path, vid: str, kind: str, source: list[Path] | Path, s
         keep, images, box = preprocess_volume(image, size, crop_to_brain)
     except DataError as e:
         raise DataError(f"volume {vid} in {root}: {e}") from None
-    whole = (label[keep] > 0).astype(np.uint8)
+    labels = np.ascontiguousarray(label[keep], dtype=np.uint8)
     with one_thread():
-        masks = resize_slices(crop(whole, box), size, nearest=True)
-    for name, array in (("full", whole), ("masks", masks), ("images", images)):
+        masks = resize_slices(crop(labels, box), size, nearest=True)
+    for name, array in (("full", labels), ("masks", masks), ("images", images)):
         with atomic_path(folder / f"{name}_{vid}.npy") as tmp:
             np.save(tmp, array)
     return {"id": vid, "depth": int(image.shape[0]), "slices": keep.tolist(), "box": list(box),

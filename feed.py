@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data import Cache
+from data import Cache, region_masks
 
 INTENSITY = 0.1  # augmentation: brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY (0.3 was no better)
 
@@ -46,7 +46,8 @@ def with_context(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SliceSet:
-    """Slices of some volumes as tensors: images (N, C, H, W) float16, masks (N, H, W) uint8, the volume of each
+    """Slices of some volumes as tensors: images (N, C, H, W) float16, masks (N, H, W) uint8 BraTS label maps (0, 1,
+    2, 4; data.region_masks makes them targets), the volume of each
     slice (N,) as an index into volume_ids (CPU), and each slice's context indices (N, 2 * context + 1)."""
 
     images: torch.Tensor
@@ -98,7 +99,7 @@ def load_slices(cache: Cache, volume_ids: list[str], channels: list[int], contex
 
 def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, modalities: int = 0,
             modality_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random dihedral transform (flips and 90° rotations) of image (N, C, H, W) float and mask (N, 1, H, W) uint8
+    """Random dihedral transform (flips and 90° rotations) of image (N, C, H, W) float and mask (N, K, H, W) uint8
     alike; brain intensities scaled by 1 ± INTENSITY and shifted by ± INTENSITY per channel (scanners and sites
     differ in contrast). With modality_dropout > 0, that fraction of the samples loses one of the `modalities`
     (default: every channel is one), drawn at random, on every context slice (channels repeat the modalities once
@@ -185,13 +186,15 @@ class TrainBatches:
     batch is one indexing; False: DataLoader workers read them from the memory-mapped disk cache (DiskSlices).
     Both follow epoch_order, and each batch's augmentation is seeded by (seed, epoch, rank, batch), so an epoch is
     a pure function of its number: a run resumed at any batch sees the batches it would have seen.
-    Yields (images float32 (B, K * C, H, W), masks uint8 (B, 1, H, W)), contiguous, on `device`.
+    Yields (images float32 (B, K * C, H, W), targets uint8 (B, R, H, W): the masks of `regions`, data.REGIONS),
+    contiguous, on `device`.
     """
 
     def __init__(self, cache: Cache, volume_ids: list[str], channels: list[int], device: torch.device | str,
                  batch_size: int, *, context: int = 0, resident: bool = True, workers: int = 2, seed: int = 0,
-                 rank: int = 0, world: int = 1, augment: bool = True, modality_dropout: float = 0.0):
-        self.device, self.batch_size, self.resident = as_device(device), batch_size, resident
+                 rank: int = 0, world: int = 1, augment: bool = True, modality_dropout: float = 0.0,
+                 regions: tuple[str, ...] = ("wt",)):
+        self.device, self.batch_size, self.resident, self.regions = as_device(device), batch_size, resident, regions
         self.seed, self.rank, self.world = seed, rank, world
         self.augment, self.modality_dropout, self.modalities = augment, modality_dropout, len(channels)
         if resident:
@@ -228,4 +231,4 @@ class TrainBatches:
             if self.augment:
                 self.aug_generator.manual_seed(rng_seed(self.seed, epoch, self.rank, b))
                 x, y = augment(x, y, self.aug_generator, self.modalities, self.modality_dropout)
-            yield x, y
+            yield x, region_masks(y[:, 0], self.regions).to(torch.uint8)

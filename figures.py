@@ -1,5 +1,6 @@
 """Pictures of a run and of a prediction: training curves, colour-coded overlays of prediction on the scan (true
-positives green, false positives red, false negatives blue), the worst slices, and predict.py's outline montages.
+positives green, false positives red, false negatives blue; with --target regions, label and prediction side by side
+in BraTS's label colours), the worst slices (per region), and predict.py's outline montages.
 
 Slices are (x, y) arrays, shown as radiologists view BraTS: rows = y, columns = x (hence the transposes).
 Every file is written through a temporary name (data.atomic_path).
@@ -17,6 +18,9 @@ import data
 TP_COLOUR, FP_COLOUR, FN_COLOUR = (0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.4, 1.0)
 OVERLAY_ALPHA = 0.55  # weight of the colour over the grey scan
 PRED_OUTLINE, TRUE_OUTLINE = "red", "lime"
+LABEL_COLOURS = {2: (0.1, 0.8, 0.1), 1: (0.9, 0.1, 0.1), 4: (1.0, 0.85, 0.0)}  # oedema, core, enhancing
+LABEL_NAMES = {2: "oedema (WT, not TC)", 1: "necrotic / non-enhancing core (TC, not ET)", 4: "enhancing tumour (ET)"}
+REGION_OUTLINES = {"wt": "lime", "tc": "red", "et": "yellow"}
 MAX_MONTAGE_SLICES = 16
 
 
@@ -68,6 +72,41 @@ def overlay(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarra
     return rgb
 
 
+def label_overlay(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """RGB (H, W, 3) in [0, 1] of a slice: grey scan with each BraTS label blended in its LABEL_COLOURS."""
+    rgb = overlay(image, np.zeros(label.shape, bool), np.zeros(label.shape, bool))
+    for k, colour in LABEL_COLOURS.items():
+        hit = label == k
+        rgb[hit] = (1 - OVERLAY_ALPHA) * rgb[hit] + OVERLAY_ALPHA * np.array(colour)
+    return rgb
+
+
+def plot_label_pairs(items: list[dict], path: Path, title: str) -> None:
+    """A grid of (label, prediction) pairs in LABEL_COLOURS; each item has image, truth_label, pred_label (240 x
+    240), volume, slice and the Dice of each region (dice_wt, ...)."""
+    from matplotlib.patches import Patch
+
+    plt = pyplot()
+    pairs = min(2, max(1, len(items)))
+    rows = max(1, math.ceil(len(items) / pairs))
+    fig, axes = plt.subplots(rows, 2 * pairs, figsize=(3.0 * 2 * pairs, 3.4 * rows + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, it in enumerate(items):
+        left, right = axes[i // pairs, 2 * (i % pairs)], axes[i // pairs, 2 * (i % pairs) + 1]
+        left.imshow(label_overlay(it["image"].T, it["truth_label"].T))
+        right.imshow(label_overlay(it["image"].T, it["pred_label"].T))
+        left.set_title(f"{it['volume']} z={it['slice']}\nlabel", fontsize=8)
+        scores = "  ".join(f"{r.upper()} {it[f'dice_{r}']:.2f}" for r in ("wt", "tc", "et")
+                           if f"dice_{r}" in it and not math.isnan(it[f"dice_{r}"]))
+        right.set_title(f"prediction\nDice {scores}" if scores else "prediction", fontsize=8)
+    fig.legend(handles=[Patch(color=c, label=LABEL_NAMES[k]) for k, c in LABEL_COLOURS.items()], loc="lower center",
+               ncol=3, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    save_figure(fig, path)
+
+
 def plot_slices(items: list[dict], path: Path, title: str) -> None:
     """A grid of overlays; each item has image, pred, truth (240 x 240), volume, slice and dice."""
     from matplotlib.patches import Patch
@@ -104,9 +143,10 @@ def pick_overview(records: list[dict], n: int = 8) -> list[dict]:
     return picks
 
 
-def pick_worst(records: list[dict], n: int = 8) -> list[dict]:
-    """The n tumour slices with the lowest Dice."""
-    return sorted((r for r in records if not math.isnan(r["dice"])), key=lambda r: r["dice"])[:n]
+def pick_worst(records: list[dict], n: int = 8, key: str = "dice") -> list[dict]:
+    """The n slices with the lowest `key` (dice: the whole tumour's; dice_tc, dice_et: a region's) where the label
+    has that region (NaN otherwise)."""
+    return sorted((r for r in records if not math.isnan(r[key])), key=lambda r: r[key])[:n]
 
 
 def montage_slices(pred: np.ndarray, truth: np.ndarray | None) -> list[int]:
@@ -118,23 +158,25 @@ def montage_slices(pred: np.ndarray, truth: np.ndarray | None) -> list[int]:
     return z.tolist()
 
 
-def draw_outline(ax, mask: np.ndarray, colour: str) -> None:
+def draw_outline(ax, mask: np.ndarray, colour: str, style: str = "-") -> None:
     """Draw the outlines (outer and holes) of a 2D boolean mask (rows, columns), also where it touches the border."""
     import cv2
 
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     for c in contours:
         pts = np.concatenate([c[:, 0], c[:1, 0]]).astype(np.float32)  # closed (x = column, y = row)
-        ax.plot(pts[:, 0], pts[:, 1], color=colour, linewidth=0.9)
+        ax.plot(pts[:, 0], pts[:, 1], color=colour, linewidth=0.9, linestyle=style)
 
 
-def write_montage(flair: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, path: Path, title: str) -> None:
-    """PNG of FLAIR slices (z, x, y) with the predicted outline in red (and the label's in lime); with no tumour
-    anywhere, the middle slice."""
+def write_montage(flair: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, path: Path, title: str,
+                  regions: list[str] = ("wt",)) -> None:
+    """PNG of FLAIR slices (z, x, y) with the outlines of the predicted regions (S, R, x, y) and, when given, the
+    label's: the whole tumour alone in red (label lime); several regions each in its REGION_OUTLINES colour,
+    prediction solid and label dashed. With no tumour anywhere, the middle slice."""
     from matplotlib.lines import Line2D
 
     plt = pyplot()
-    zs = montage_slices(pred, truth) or [flair.shape[0] // 2]
+    zs = montage_slices(pred[:, 0], truth[:, 0] if truth is not None else None) or [flair.shape[0] // 2]
     brain = flair > flair.min()
     lo, hi = np.percentile(flair[brain], (1, 99)) if brain.any() else (0.0, 1.0)
     cols = min(4, len(zs))
@@ -142,38 +184,59 @@ def write_montage(flair: np.ndarray, pred: np.ndarray, truth: np.ndarray | None,
     fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.9 * rows + 0.8), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    several = len(regions) > 1
     for ax, z in zip(axes.flat, zs):
         ax.imshow(flair[z].T, cmap="gray", vmin=lo, vmax=hi + 1e-6, interpolation="nearest")
-        for mask, colour in ((truth, TRUE_OUTLINE), (pred, PRED_OUTLINE)):
-            if mask is not None:
-                draw_outline(ax, mask[z].T, colour)
+        for i, region in enumerate(regions):
+            if truth is not None:
+                draw_outline(ax, truth[z, i].T, REGION_OUTLINES[region] if several else TRUE_OUTLINE, "--" if several else "-")
+            draw_outline(ax, pred[z, i].T, REGION_OUTLINES[region] if several else PRED_OUTLINE)
         ax.set_title(f"z={z}", fontsize=8)
-    handles = [Line2D([], [], color=PRED_OUTLINE, label="prediction")]
-    if truth is not None:
-        handles.append(Line2D([], [], color=TRUE_OUTLINE, label="label (whole tumour)"))
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9)
+    if several:
+        handles = [Line2D([], [], color=REGION_OUTLINES[r], label=r.upper()) for r in regions]
+        handles += [Line2D([], [], color="gray", label="prediction")]
+        if truth is not None:
+            handles.append(Line2D([], [], color="gray", linestyle="--", label="label"))
+    else:
+        handles = [Line2D([], [], color=PRED_OUTLINE, label="prediction")]
+        if truth is not None:
+            handles.append(Line2D([], [], color=TRUE_OUTLINE, label="label (whole tumour)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, path)
 
 
-def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray]) -> list[dict]:
-    """FLAIR, prediction and truth at 240 x 240 of chosen slices, for figures.plot_slices."""
-    items = []
+def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarray], regions: list[str] = ("wt",),
+                 region: str = "wt") -> list[dict]:
+    """FLAIR, prediction and truth at 240 x 240 of chosen slices, for plot_slices (of `region`) and plot_label_pairs
+    (the label maps)."""
+    items, i = [], list(regions).index(region)
     for r in picks:
         meta = cache.volume(r["volume"])
         k = meta["slices"].index(r["slice"])
         flair = torch.from_numpy(cache.images(r["volume"], mmap=True)[k:k + 1, data.FLAIR].astype(np.float32))
-        items.append({**r, "image": data.uncrop(flair, meta["box"])[0].numpy(), "pred": masks[r["volume"]][k],
-                      "truth": cache.full_masks(r["volume"])[k].astype(bool)})
+        label = cache.full_labels(r["volume"])[k]
+        items.append({**r, "image": data.uncrop(flair, meta["box"])[0].numpy(), "pred": masks[r["volume"]][k, i],
+                      "truth": data.region_masks(label[None], [region])[0, 0], "truth_label": label,
+                      "pred_label": data.labels_from_regions(masks[r["volume"]][k:k + 1], regions)[0],
+                      "dice": r[f"dice_{region}"]})
     return items
 
 
 def run_figures(out: Path, cache: data.Cache, log: list[dict], records: list[dict], masks: dict[str, np.ndarray],
-                kept_epoch: int) -> None:
+                kept_epoch: int, regions: list[str] = ("wt",)) -> None:
     """A run's pictures in `out`: curves.png, overlays.png (an overview of the test slices), failures.png (the
-    worst), from train.py's log and its test evaluation (per-slice records and post-processed masks)."""
+    worst whole-tumour slices) and, with several regions, failures_<region>.png for the others, from train.py's log
+    and its test evaluation (per-slice records and post-processed masks (S, R, 240, 240))."""
     plot_curves(log, out / "curves.png", kept_epoch)
-    plot_slices(figure_items(pick_overview(records), cache, masks), out / "overlays.png",
-                "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
-    plot_slices(figure_items(pick_worst(records), cache, masks), out / "failures.png", "Worst test slices by Dice")
+    if len(regions) > 1:
+        plot_label_pairs(figure_items(pick_overview(records), cache, masks, regions), out / "overlays.png",
+                         "Test patients: label (left) and prediction (right)")
+    else:
+        plot_slices(figure_items(pick_overview(records), cache, masks, regions), out / "overlays.png",
+                    "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
+    for region in regions:
+        name = "failures.png" if region == regions[0] else f"failures_{region}.png"
+        plot_slices(figure_items(pick_worst(records, key=f"dice_{region}"), cache, masks, regions, region), out / name,
+                    f"Worst test slices by {region.upper()} Dice (green TP, red FP, blue FN)")

@@ -22,7 +22,9 @@ from unet import UNet, UNetConfig
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_COMPONENTS = (0, 10, 25, 50, 100, 200, 400)  # pixels at 240 x 240
-CHECKPOINT_KEYS = ("model", "unet", "channels", "context", "size", "crop", "threshold", "min_component", "largest_3d")
+MIN_VOLUMES = (0, 50, 100, 200, 500, 1000, 2000)  # voxels: a region predicted smaller than this is removed
+UNCHOSEN = {"threshold": 0.5, "min_component": 0, "largest_3d": False, "min_volume": 0}  # a region's post-processing
+CHECKPOINT_KEYS = ("model", "unet", "channels", "context", "size", "crop")
 # levers removed after commit 60d0b04 (records/README.md): a checkpoint trained with one needs that commit
 REMOVED_LEVERS = {"context_step": 1, "asymmetry": False, "planes": 1, "deep_supervision": 0}
 
@@ -112,10 +114,23 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 def make_checkpoint(model: UNet, cfg: dict, channels: list[int], epoch: int, val_dice: float) -> dict:
     """What best.pt holds (load_checkpoint reads it): weights, model config and the run's config (train.py's flags),
-    the preprocessing, and the post-processing (defaults until it is chosen on validation after training)."""
+    the preprocessing, the regions its outputs are (data.REGIONS) and their post-processing (UNCHOSEN until it is
+    chosen on validation after training)."""
+    regions = list(data.TARGETS[cfg["target"]])
     return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": cfg, "channels": channels,
-            "context": cfg["context"], "size": cfg["size"], "crop": cfg["crop"] == "on",
-            "epoch": epoch, "val_dice": val_dice, "threshold": 0.5, "min_component": 0, "largest_3d": False}
+            "context": cfg["context"], "size": cfg["size"], "crop": cfg["crop"] == "on", "regions": regions,
+            "epoch": epoch, "val_dice": val_dice, "post": {r: dict(UNCHOSEN) for r in regions}}
+
+
+def region_post(ckpt: dict) -> tuple[list[str], dict]:
+    """A checkpoint's regions and post-processing per region; a whole-tumour checkpoint written before regions
+    existed keeps its post-processing at the top level."""
+    if "post" in ckpt:
+        return list(ckpt["regions"]), {r: {**UNCHOSEN, **p} for r, p in ckpt["post"].items()}
+    missing = [k for k in ("threshold", "min_component", "largest_3d") if k not in ckpt]
+    if missing:
+        raise KeyError(f"lacks post or {', '.join(missing)}: not a train.py checkpoint")
+    return ["wt"], {"wt": {**UNCHOSEN, **{k: ckpt[k] for k in ("threshold", "min_component", "largest_3d")}}}
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]:
@@ -130,7 +145,10 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
         used = {k: settings[k] for k, off in REMOVED_LEVERS.items() if settings.get(k, off) != off}
         if used:
             raise ValueError(f"trained with {used}, levers this version no longer has: predict with commit 60d0b04")
+        ckpt["regions"], ckpt["post"] = region_post(ckpt)
         model = UNet(UNetConfig(**{k: v for k, v in ckpt["unet"].items() if k != "deep_supervision"}))
+        if model.cfg.out_channels != len(ckpt["regions"]):
+            raise ValueError(f"{model.cfg.out_channels} outputs for regions {ckpt['regions']}")
         model.load_state_dict(ckpt["model"])
     except FileNotFoundError:
         raise data.UserError(f"checkpoint not found: {path}") from None
@@ -147,7 +165,7 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, context: torch.Tensor, device: torch.device,
                    batch_size: int, speed: Speed) -> torch.Tensor:
-    """Logits (N, H, W) float32 on `device` of the N slices whose context indices into images (M, C, H, W) are the
+    """Logits (N, R, H, W) float32 on `device` (R: the model's outputs, one per region) of the N slices whose context indices into images (M, C, H, W) are the
     rows of `context` (N, K) (feed.context_index), in batches of batch_size, each built only when it is run.
     The last batch is zero-padded to the full size, so a compiled model sees one shape and never recompiles."""
     model.eval()
@@ -160,8 +178,8 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, context: torch.
         if speed.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
-            outs.append(model(x)[:n, 0].float())
-    return torch.cat(outs) if outs else torch.zeros((0, *images.shape[2:]), device=device)
+            outs.append(model(x)[:n].float())
+    return torch.cat(outs) if outs else torch.zeros((0, model.cfg.out_channels, *images.shape[2:]), device=device)
 
 
 FLIPS = ((), (-1,), (-2,), (-1, -2))  # test-time augmentation: the identity and the three flips
@@ -169,7 +187,8 @@ FLIPS = ((), (-1,), (-2,), (-1, -2))  # test-time augmentation: the identity and
 
 @dataclass
 class Predictor:
-    """One model or an ensemble, with the preprocessing it was trained with and its post-processing."""
+    """One model or an ensemble, with the preprocessing it was trained with, the regions it predicts and their
+    post-processing (a dict per region: threshold, min_component, largest_3d, min_volume)."""
 
     models: list[torch.nn.Module]
     channels: list[int]  # indices into data.CHANNELS
@@ -180,36 +199,37 @@ class Predictor:
     speed: Speed
     batch_size: int = 32
     tta: bool = False    # average over the four flips
-    threshold: float = 0.5
-    min_component: int = 0
-    largest_3d: bool = False
+    regions: list[str] = field(default_factory=lambda: ["wt"])
+    post: dict = field(default_factory=lambda: {"wt": dict(UNCHOSEN)})
 
     @classmethod
     def from_checkpoints(cls, paths: list[Path], device: torch.device, batch_size: int = 32, tta: bool = False,
                          speed: Speed | None = None) -> "Predictor":
-        """Load one checkpoint or an ensemble (which must share preprocessing). The ensemble's post-processing is
-        the median threshold and minimum component of its members, largest-3D by majority."""
+        """Load one checkpoint or an ensemble (which must share preprocessing and regions). The ensemble's
+        post-processing of each region is the median threshold, minimum component and minimum volume of its members,
+        largest-3D by majority."""
         loaded = [load_checkpoint(p, device) for p in paths]
         ckpts = [c for _, c in loaded]
         prep = [(list(c["channels"]), c["context"], c["size"], c["crop"]) for c in ckpts]
         if any(p != prep[0] for p in prep):
             raise data.UserError(f"checkpoints disagree on channels/context/size/crop: {prep}: an ensemble needs one "
                                  f"preprocessing")
+        regions = ckpts[0]["regions"]
+        if any(c["regions"] != regions for c in ckpts):
+            raise data.UserError(f"checkpoints predict different regions ({[c['regions'] for c in ckpts]}): an "
+                                 f"ensemble needs one --target")
         config = ckpts[0].get("config", {})  # the run's own amp / channels_last settings, resolved for this device
         speed = speed or resolve_speed(device, config.get("amp", "auto"), config.get("channels_last", "auto"), "off")
         models = [m.to(memory_format=torch.channels_last) if speed.channels_last else m for m, _ in loaded]
-        return cls(models, *prep[0], device, speed, batch_size, tta,
-                   threshold=float(np.median([c["threshold"] for c in ckpts])),
-                   min_component=int(np.median([c["min_component"] for c in ckpts])),
-                   largest_3d=2 * sum(bool(c["largest_3d"]) for c in ckpts) > len(ckpts))
-
-    @property
-    def post(self) -> dict:
-        return {"threshold": self.threshold, "min_component": self.min_component, "largest_3d": self.largest_3d}
+        post = {r: {"threshold": float(np.median([c["post"][r]["threshold"] for c in ckpts])),
+                    "min_component": int(np.median([c["post"][r]["min_component"] for c in ckpts])),
+                    "largest_3d": 2 * sum(bool(c["post"][r]["largest_3d"]) for c in ckpts) > len(ckpts),
+                    "min_volume": int(np.median([c["post"][r]["min_volume"] for c in ckpts]))} for r in regions}
+        return cls(models, *prep[0], device, speed, batch_size, tta, list(regions), post)
 
     def probs(self, images: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
-        """Tumour probabilities (S, 240, 240) float16 of one volume's preprocessed slices (S, 4, size, size) (as
-        data.preprocess_volume or the cache give them), averaged over the models (and the flips)."""
+        """Probabilities (S, R, 240, 240) float16 of each region of one volume's preprocessed slices (S, 4, size,
+        size) (as data.preprocess_volume or the cache give them), averaged over the models (and the flips)."""
         x = torch.from_numpy(np.ascontiguousarray(images[:, self.channels]))
         context = feed.context_index([len(x)], self.context)
         total, n = None, 0
@@ -222,12 +242,13 @@ class Predictor:
         return (total / n).half().cpu().numpy()
 
     def segment(self, image: np.ndarray) -> np.ndarray:
-        """Raw image (S, 240, 240, 4) → boolean whole-tumour mask (S, 240, 240); slices without brain are empty."""
+        """Raw image (S, 240, 240, 4) → nested boolean region masks (S, R, 240, 240) (postprocess_regions); slices
+        without brain are empty."""
         keep, images, box = data.preprocess_volume(image, self.size, self.crop)
-        mask = np.zeros(image.shape[:3], bool)
+        masks = np.zeros((image.shape[0], len(self.regions), *image.shape[1:3]), bool)
         if len(keep):
-            mask[keep] = postprocess(self.probs(images, box).astype(np.float32), **self.post)
-        return mask
+            masks[keep] = postprocess_regions(self.probs(images, box), self.regions, self.post)
+        return masks
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,47 +256,71 @@ class Predictor:
 
 
 def volume_probs(predictor: Predictor, cache: data.Cache, volume_ids: list[str]) -> dict[str, np.ndarray]:
-    """Per volume: the tumour probabilities (S, 240, 240) of its kept slices, from the cached inputs."""
+    """Per volume: the region probabilities (S, R, 240, 240) of its kept slices, from the cached inputs."""
     return {vid: predictor.probs(cache.images(vid, mmap=True), cache.volume(vid)["box"]) for vid in volume_ids}
 
 
-def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tuple[dict, list[dict], dict]:
-    """Test metrics at 240 x 240: per-volume Dice (mean, std, min), IoU and HD95 (mm), per-slice Dice and IoU on
-    tumour slices, false-positive slices. Returns (summary, per-slice rows, post-processed masks per volume)."""
+def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict, regions: list[str]) -> tuple[dict, list[dict], dict]:
+    """Test metrics at 240 x 240 of the post-processed, nested regions (postprocess_regions): per volume and region
+    Dice, IoU and HD95 (mm) with BraTS's empty-region conventions (metrics.region_scores), their mean, std and min
+    over volumes; per-slice Dice and IoU on tumour slices and false-positive slices, of the whole tumour (the first
+    region). Returns (summary, per-slice rows, masks (S, R, 240, 240) per volume).
+
+    The summary's volume_dice, volume_iou, hd95_mm (and per_volume's dice, iou, hd95_mm) are the whole tumour's;
+    summary["regions"] holds every region's."""
     per_volume, slice_dice, slice_iou, fp, empty, records, masks = [], [], [], 0, 0, [], {}
     for vid, p in probs.items():
-        meta, truth = cache.volume(vid), torch.from_numpy(cache.full_masks(vid).astype(bool))
-        pred = torch.from_numpy(postprocess(p.astype(np.float32), **post))
-        masks[vid] = pred.numpy()
+        meta, labels = cache.volume(vid), cache.full_labels(vid)
+        truth_regions = data.region_masks(labels, regions)
+        masks[vid] = pred_regions = postprocess_regions(p, regions, post)
+        pred, truth = torch.from_numpy(pred_regions[:, 0]), torch.from_numpy(truth_regions[:, 0])
         dice, iou = metrics.dice_score(pred, truth), metrics.iou_score(pred, truth)
         slice_dice += dice.tolist()
         slice_iou += iou.tolist()
         fp += metrics.false_positive_slices(pred, truth)
         area = truth.flatten(1).sum(1)  # tumour pixels of each slice at 240 x 240
         empty += int((area == 0).sum())
-        full_pred = np.zeros((meta["depth"], data.RAW_SIZE, data.RAW_SIZE), bool)  # dropped slices: no brain
-        full_true = np.zeros_like(full_pred)
-        full_pred[meta["slices"]], full_true[meta["slices"]] = pred.numpy(), truth.numpy()
         x_mm, y_mm, z_mm = meta["spacing"]  # slices are stacked (z, x, y)
-        per_volume.append({"id": vid, "dice": metrics.dice_score(pred[None], truth[None]).item(),
-                           "iou": metrics.iou_score(pred[None], truth[None]).item(),
-                           "hd95_mm": metrics.hd95(full_pred, full_true, spacing=(z_mm, x_mm, y_mm)),
-                           "tumour_voxels": int(full_true.sum())})
-        records += [{"volume": vid, "slice": z, "dice": d, "area": a}
-                    for z, d, a in zip(meta["slices"], dice.tolist(), area.tolist())]
-    vols = [v["dice"] for v in per_volume]
+        scores = {}
+        for i, region in enumerate(regions):
+            full_pred = np.zeros((meta["depth"], data.RAW_SIZE, data.RAW_SIZE), bool)  # dropped slices: no brain
+            full_true = np.zeros_like(full_pred)
+            full_pred[meta["slices"]], full_true[meta["slices"]] = pred_regions[:, i], truth_regions[:, i]
+            scores[region] = {**metrics.region_scores(full_pred, full_true, spacing=(z_mm, x_mm, y_mm)),
+                              "voxels": int(full_true.sum()), "predicted_voxels": int(full_pred.sum())}
+        wt = scores[regions[0]]
+        per_volume.append({"id": vid, "dice": wt["dice"], "iou": wt["iou"], "hd95_mm": wt["hd95_mm"],
+                           "tumour_voxels": wt["voxels"], "regions": scores})
+        region_slice_dice = [metrics.dice_score(torch.from_numpy(pred_regions[:, i]),
+                                                torch.from_numpy(truth_regions[:, i])).tolist() for i in range(len(regions))]
+        region_area = truth_regions.reshape(*truth_regions.shape[:2], -1).sum(2)
+        records += [{"volume": vid, "slice": z, "dice": d, "area": a,
+                     **{f"dice_{r}": region_slice_dice[i][k] for i, r in enumerate(regions)},
+                     **{f"area_{r}": int(region_area[k, i]) for i, r in enumerate(regions)}}
+                    for k, (z, d, a) in enumerate(zip(meta["slices"], dice.tolist(), area.tolist()))]
+
+    def over_volumes(region: str) -> dict:
+        dice = [v["regions"][region]["dice"] for v in per_volume]
+        return {"dice": metrics.nanmean(dice), "dice_std": float(np.nanstd(dice)) if dice else math.nan,
+                "dice_min": float(np.nanmin(dice)) if dice else math.nan,
+                "iou": metrics.nanmean([v["regions"][region]["iou"] for v in per_volume]),
+                "hd95_mm": metrics.nanmean([v["regions"][region]["hd95_mm"] for v in per_volume])}
+
+    by_region = {r: over_volumes(r) for r in regions}
+    wt = by_region[regions[0]]
     summary = {
         "volumes": len(per_volume),
-        "volume_dice": metrics.nanmean(vols),
-        "volume_dice_std": float(np.nanstd(vols)) if len(vols) else math.nan,
-        "volume_dice_min": float(np.nanmin(vols)) if len(vols) else math.nan,
-        "volume_iou": metrics.nanmean([v["iou"] for v in per_volume]),
-        "hd95_mm": metrics.nanmean([v["hd95_mm"] for v in per_volume]),
+        "volume_dice": wt["dice"],
+        "volume_dice_std": wt["dice_std"],
+        "volume_dice_min": wt["dice_min"],
+        "volume_iou": wt["iou"],
+        "hd95_mm": wt["hd95_mm"],
         "slice_dice": metrics.nanmean(slice_dice),
         "slice_iou": metrics.nanmean(slice_iou),
         "tumour_slices": int(np.sum(~np.isnan(slice_dice))),
         "empty_slices": empty,
         "false_positive_slices": fp,
+        "regions": by_region,
         "per_volume": per_volume,
     }
     return summary, records, masks
@@ -285,27 +330,55 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict) -> tup
 # Post-processing
 
 
-def parse_postprocess(text: str) -> dict | None:
-    """--postprocess: None for 'val' (chosen on validation), else the fixed {threshold, min_component, largest_3d};
-    a UserError for anything else."""
+def parse_postprocess(text: str, regions: list[str] | tuple[str, ...] = ("wt",)) -> dict | None:
+    """--postprocess: None for 'val' (chosen on validation), else the fixed post-processing of each region: one
+    THRESHOLD,MIN_PIXELS,on|off[,MIN_VOXELS] for every region, or one per region in order, joined by '/'
+    (e.g. 0.4,25,on/0.5,25,on/0.5,0,off,200 for wt/tc/et); a UserError for anything else."""
     if text == "val":
         return None
-    parts = text.split(",")
-    try:
-        threshold, min_component, largest = float(parts[0]), int(parts[1]), parts[2]
-        if len(parts) != 3 or not 0 < threshold < 1 or min_component < 0 or largest not in ("on", "off"):
-            raise ValueError
-    except (ValueError, IndexError):
-        raise data.UserError(f"--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off with 0 < THRESHOLD < 1 "
-                             f"(e.g. 0.3,50,on), got {text!r}") from None
-    return {"threshold": threshold, "min_component": min_component, "largest_3d": largest == "on"}
+    specs = text.split("/")
+    usage = (f"--postprocess must be val, or THRESHOLD,MIN_PIXELS,on|off[,MIN_VOXELS] with 0 < THRESHOLD < 1 (e.g. "
+             f"0.3,50,on) once or once per region ({'/'.join(regions)}) joined by '/', got {text!r}")
+    if len(specs) not in (1, len(regions)):
+        raise data.UserError(usage)
+    post = {}
+    for region, spec in zip(regions, specs * len(regions) if len(specs) == 1 else specs):
+        parts = spec.split(",")
+        try:
+            threshold, min_component, largest = float(parts[0]), int(parts[1]), parts[2]
+            min_volume = int(parts[3]) if len(parts) == 4 else 0
+            if len(parts) not in (3, 4) or not 0 < threshold < 1 or min(min_component, min_volume) < 0 \
+                    or largest not in ("on", "off"):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise data.UserError(usage) from None
+        post[region] = {"threshold": threshold, "min_component": min_component, "largest_3d": largest == "on",
+                        "min_volume": min_volume}
+    return post
 
 
-def postprocess(probs: np.ndarray, threshold: float, min_component: int, largest_3d: bool = False) -> np.ndarray:
+def format_postprocess(post: dict, regions: list[str]) -> str:
+    """The --postprocess that parse_postprocess reads back as `post`: one spec per region, joined by '/'."""
+    return "/".join(f"{post[r]['threshold']:g},{post[r]['min_component']},{'on' if post[r]['largest_3d'] else 'off'}"
+                    + (f",{post[r]['min_volume']}" if post[r]["min_volume"] else "") for r in regions)
+
+
+def postprocess(probs: np.ndarray, threshold: float, min_component: int, largest_3d: bool = False,
+                min_volume: int = 0) -> np.ndarray:
     """Binary mask of a volume's stacked slices (S, H, W) from probabilities: threshold, drop 2D components under
-    min_component pixels and, if asked, keep only the largest 3D component (one tumour per patient)."""
+    min_component pixels, if asked keep only the largest 3D component (one tumour per patient), and remove
+    everything when fewer than min_volume voxels are left (BraTS practice for small enhancing-tumour predictions)."""
     mask = metrics.remove_small_components(probs >= threshold, min_component)
-    return metrics.keep_largest_component(mask) if largest_3d else mask
+    mask = metrics.keep_largest_component(mask) if largest_3d else mask
+    return np.zeros_like(mask) if mask.sum() < min_volume else mask
+
+
+def postprocess_regions(probs: np.ndarray, regions: list[str], post: dict) -> np.ndarray:
+    """Region probabilities (S, R, H, W) → boolean masks (S, R, H, W), each region post-processed with its own
+    settings, then nested as a BraTS label map nests them (data.labels_from_regions): an inner region predicted
+    outside its outer one widens the outer one. What predict.py writes is exactly what is evaluated."""
+    masks = np.stack([postprocess(probs[:, i].astype(np.float32), **post[r]) for i, r in enumerate(regions)], 1)
+    return data.region_masks(data.labels_from_regions(masks, regions), regions) if len(regions) > 1 else masks
 
 
 def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> tuple[dict, float]:
@@ -342,4 +415,33 @@ def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndar
     largest = [metrics.dice_score(torch.from_numpy(postprocess(probs[v].astype(np.float32), th, m, True))[None],
                                   torch.from_numpy(truth[v].astype(bool))[None]).item() for v in probs]
     use_largest = metrics.nanmean(largest) > score + 1e-9
-    return {"threshold": th, "min_component": m, "largest_3d": use_largest}, max(score, metrics.nanmean(largest))
+    return {"threshold": th, "min_component": m, "largest_3d": use_largest, "min_volume": 0}, \
+        max(score, metrics.nanmean(largest))
+
+
+def choose_min_volume(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray], post: dict) -> tuple[int, float]:
+    """Given a region's other settings: the smallest of MIN_VOLUMES with the best mean Dice under BraTS's
+    empty-region conventions (metrics.region_scores: a patient without the region scores 1 only when nothing is
+    predicted), and that Dice. Where every patient has the region, removing a prediction can only lose: 0 wins."""
+    masks = {v: postprocess(probs[v].astype(np.float32), **{**post, "min_volume": 0}) for v in probs}
+    best = (0, -1.0)
+    for min_volume in MIN_VOLUMES:
+        dice = [metrics.region_dice(m if m.sum() >= min_volume else np.zeros_like(m), truth[v]) for v, m in masks.items()]
+        if np.mean(dice) > best[1] + 1e-9:
+            best = (min_volume, float(np.mean(dice)))
+    return best
+
+
+def choose_region_postprocessing(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                                 regions: list[str]) -> tuple[dict, dict]:
+    """Each region's post-processing chosen on these volumes (probabilities (S, R, H, W), label maps (S, H, W)):
+    threshold, minimum component and largest-3D rule by choose_postprocessing (volumes without the region skipped),
+    then the minimum volume by choose_min_volume (every volume counts). Returns (post, the validation Dice of each
+    region under it, BraTS conventions)."""
+    post, dice = {}, {}
+    for i, region in enumerate(regions):
+        p = {v: probs[v][:, i] for v in probs}
+        t = {v: data.region_masks(labels[v], [region])[:, 0] for v in labels}
+        post[region], _ = choose_postprocessing(p, t)
+        post[region]["min_volume"], dice[region] = choose_min_volume(p, t, post[region])
+    return post, dice

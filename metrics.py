@@ -91,6 +91,29 @@ def hd95(pred: np.ndarray, target: np.ndarray, spacing: tuple[float, ...] = (1.0
     return float(max(np.percentile(dist_to_target[sp], 95), np.percentile(dist_to_pred[st], 95)))
 
 
+def region_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of one patient's predicted region against its label with BraTS's convention for an empty label: 1 when
+    nothing is predicted either, else 0 (region_scores gives IoU and HD95 too)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not truth.any():
+        return 0.0 if pred.any() else 1.0
+    return dice_score(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None]).item()
+
+
+def region_scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> dict:
+    """Dice, IoU and HD95 (mm) of one patient's predicted region against its label, with the BraTS challenge's
+    conventions for an empty region (an enhancing tumour may be absent): absent in both, Dice = IoU = 1 and HD95 0;
+    absent from the label only, Dice = IoU = 0 and HD95 the volume's diagonal (373.13 mm), as when absent from the
+    prediction only (hd95). Never NaN, so every patient counts in a mean."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    dice = region_dice(pred, truth)
+    if not truth.any():
+        diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
+        return {"dice": dice, "iou": dice, "hd95_mm": diagonal if pred.any() else 0.0}
+    iou = iou_score(torch.from_numpy(pred)[None], torch.from_numpy(truth)[None]).item()
+    return {"dice": dice, "iou": iou, "hd95_mm": hd95(pred, truth, spacing)}
+
+
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drop 8-connected components smaller than `min_size` pixels from each 2D slice of a (..., H, W) mask."""
     mask = np.asarray(mask, bool)

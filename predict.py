@@ -1,4 +1,4 @@
-"""Segment the whole brain tumour in BraTS case folders with trained checkpoints; write NIfTI masks and montages.
+"""Segment the brain tumour in BraTS case folders with trained checkpoints; write NIfTI masks and montages.
 
     python predict.py --ckpt runs/latest/best.pt --out preds ../shared/data/brats-sample/Brats18_2013_11_1
     python predict.py --ckpt runs/f0/best.pt runs/f1/best.pt --tta on --out preds CASE_DIR [CASE_DIR ...]
@@ -8,9 +8,12 @@ preprocessing (size, crop, channels, context) and post-processing (threshold, mi
 largest 3D component when the checkpoint asks for it) are applied, exactly as in train.py's evaluation. Several
 checkpoints (e.g. the folds of a cross-validation) are an ensemble: their probabilities are averaged; --tta on
 also averages the four flips of each slice. Per case:
-OUT/<case>.nii.gz (uint8 0/1, the FLAIR's shape, affine and header) and OUT/<case>.png (FLAIR slices with the
-predicted outline, and the label's when a <case>_seg file is present, in which case Dice, IoU and HD95 of the
-whole tumour are printed too, and the share of each BraTS label (core, oedema, enhancing) the mask covers). A bad
+OUT/<case>.nii.gz (the whole tumour, uint8 0/1, the FLAIR's shape, affine and header), with a --target regions
+checkpoint also OUT/<case>_labels.nii.gz (a BraTS label map: 4 enhancing, 1 core without enhancing, 2 the rest of
+the whole tumour; it opens over the scan in ITK-SNAP or 3D Slicer), and OUT/<case>.png (FLAIR slices with the
+predicted outlines, and the label's when a <case>_seg file is present, in which case Dice, IoU and HD95 of the
+whole tumour (and of each region, with BraTS's conventions for an empty region) are printed too, and the share of
+each BraTS label (core, oedema, enhancing) the whole-tumour mask covers). A bad
 case is one line on stderr and the others still run; exit 1 if any case failed, 2 for a bad checkpoint or bad
 arguments.
 """
@@ -41,9 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--tta", default="off", choices=["on", "off"], help="also average over flipped slices (4x the work)")
-    p.add_argument("--threshold", type=float, default=None, help="override the checkpoint's probability threshold")
-    p.add_argument("--min-component", type=int, default=None, help="override the checkpoint's minimum 2D component size")
-    p.add_argument("--largest-3d", default=None, choices=["on", "off"], help="override the checkpoint's largest-3D rule")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="override the checkpoint's probability threshold (of every region)")
+    p.add_argument("--min-component", type=int, default=None,
+                   help="override the checkpoint's minimum 2D component size (of every region)")
+    p.add_argument("--largest-3d", default=None, choices=["on", "off"],
+                   help="override the checkpoint's largest-3D rule (of every region)")
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         raise data.UserError(f"--batch-size must be positive, got {args.batch_size}")
@@ -51,13 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_predictor(args: argparse.Namespace) -> inference.Predictor:
-    """The checkpoint(s) with their post-processing, or the one given on the command line."""
+    """The checkpoint(s) with their post-processing, or what the command line overrides (in every region)."""
     predictor = inference.Predictor.from_checkpoints(args.ckpt, inference.resolve_device(args.device), args.batch_size,
                                                      tta=args.tta == "on")
     overrides = {k: v for k, v in (("threshold", args.threshold), ("min_component", args.min_component),
                                    ("largest_3d", None if args.largest_3d is None else args.largest_3d == "on"))
                  if v is not None}
-    return dataclasses.replace(predictor, **overrides)
+    return dataclasses.replace(predictor, post={r: {**p, **overrides} for r, p in predictor.post.items()})
 
 
 def case_name(case_dir: Path) -> str:
@@ -66,7 +72,7 @@ def case_name(case_dir: Path) -> str:
 
 
 def write_nifti(mask_xyz: np.ndarray, case_dir: Path, affine: np.ndarray, path: Path) -> None:
-    """Write a 0/1 uint8 mask in NIfTI order (x, y, z) with the FLAIR's affine and header, atomically."""
+    """Write a uint8 mask or label map in NIfTI order (x, y, z) with the FLAIR's affine and header, atomically."""
     import nibabel as nib
 
     src = nib.load(str(data.nifti_file(case_dir, "flair")))
@@ -85,25 +91,39 @@ def predict_case(predictor: inference.Predictor, case_dir: Path, out: Path) -> l
     if not case_dir.is_dir():
         raise data.DataError(f"{case_dir}: not a folder")
     image, label, affine, spacing = data.read_nifti_case(case_dir, need_label=False)
-    pred = predictor.segment(image)  # (z, x, y)
+    regions = predictor.regions
+    pred_regions = predictor.segment(image)  # (z, R, x, y), nested
+    pred = pred_regions[:, 0]  # the whole tumour
     voxel_ml = float(np.prod(spacing[:3])) / 1000.0
     nii, png = out / f"{name}.nii.gz", out / f"{name}.png"
     write_nifti(pred.transpose(1, 2, 0), case_dir, affine, nii)
-    lines = [f"{name}: wrote {nii} and {png.name}; tumour {pred.sum() * voxel_ml:.2f} mL ({int(pred.sum())} voxels)"]
+    written = f"{nii}"
+    if len(regions) > 1:
+        labels = out / f"{name}_labels.nii.gz"
+        write_nifti(data.labels_from_regions(pred_regions, regions).transpose(1, 2, 0), case_dir, affine, labels)
+        written += f", {labels.name}"
+    lines = [f"{name}: wrote {written} and {png.name}; tumour {pred.sum() * voxel_ml:.2f} mL ({int(pred.sum())} voxels)"]
     title = f"{name}: predicted tumour {pred.sum() * voxel_ml:.1f} mL"
-    truth = None
+    truth = truth_regions = None
     if label is not None:
-        truth = label > 0
+        truth_regions = data.region_masks(label, regions)
+        truth = truth_regions[:, 0]
         p, t = torch.from_numpy(pred)[None], torch.from_numpy(truth)[None]
         dice, iou = metrics.dice_score(p, t).item(), metrics.iou_score(p, t).item()
         h = metrics.hd95(pred.transpose(1, 2, 0), truth.transpose(1, 2, 0), spacing=tuple(spacing[:3]))
         lines.append(f"{name}: whole tumour vs label ({truth.sum() * voxel_ml:.2f} mL): Dice {dice:.4f}  "
                      f"IoU {iou:.4f}  HD95 {h:.2f} mm")
         title += f", label {truth.sum() * voxel_ml:.1f} mL, Dice {dice:.3f}"
+        if len(regions) > 1:
+            scores = [(r, metrics.region_scores(pred_regions[:, i].transpose(1, 2, 0),
+                                                truth_regions[:, i].transpose(1, 2, 0), tuple(spacing[:3])))
+                      for i, r in enumerate(regions)]
+            lines.append(f"{name}: per region: " + "; ".join(
+                f"{r.upper()} Dice {m['dice']:.4f} IoU {m['iou']:.4f} HD95 {m['hd95_mm']:.2f} mm" for r, m in scores))
         found = [f"{k} {metrics.BRATS_LABELS[k]} " + (f"{100 * r:.1f}% of {n * voxel_ml:.2f} mL" if n else "absent")
                  for k, (r, n) in metrics.recall_per_label(pred, label).items()]
         lines.append(f"{name}: found per label: " + ", ".join(found))
-    figures.write_montage(image[..., data.FLAIR], pred, truth, png, title)
+    figures.write_montage(image[..., data.FLAIR], pred_regions, truth_regions, png, title, regions)
     return lines
 
 

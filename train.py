@@ -1,4 +1,7 @@
-"""Train a 2D U-Net to segment the whole brain tumour on BraTS slices, then evaluate it on unseen patients.
+"""Train a 2D U-Net to segment the brain tumour on BraTS slices, then evaluate it on unseen patients.
+
+The whole tumour by default (the original work's task); --target regions: BraTS's three nested regions, whole
+tumour, tumour core and enhancing tumour, as three overlapping sigmoid outputs.
 
     python train.py                                          # Kaggle BraTS 2020 (.h5 slices), needs the network
     python train.py --data nifti:../shared/data/brats-sample # official BraTS case folders
@@ -38,7 +41,8 @@ from fused_dice import dice_bce_loss
 from unet import UNet, UNetConfig, count_parameters
 
 ON_OFF, AUTO_ON_OFF = ("on", "off"), ("auto", "on", "off")
-MODALITIES, INTENSITY, CACHE_DIR = data.CHANNELS, feed.INTENSITY, data.default_cache_dir()  # a field below is named `data`
+# a field below is named `data`
+MODALITIES, INTENSITY, CACHE_DIR, TARGETS = data.CHANNELS, feed.INTENSITY, data.default_cache_dir(), tuple(data.TARGETS)
 
 
 def option(default, help: str, choices: tuple | None = None, type=None):
@@ -65,6 +69,8 @@ class TrainConfig:
                            ("train", "train+val"))
     train_patients: int = option(0, "train on this many of those patients, drawn by the training seed (a learning "
                                     "curve); 0: all")
+    target: str = option("wt", "wt: the whole tumour (labels 1, 2, 4); regions: also the tumour core (1, 4) and the "
+                               "enhancing tumour (4), three overlapping sigmoid outputs", TARGETS)
     cache_dir: str | None = option(None, f"preprocessed arrays are cached here; None: $BRATS_CACHE, else "
                                          f"~/.cache/brats-unet (here {CACHE_DIR})", type=str)
     # model
@@ -84,8 +90,10 @@ class TrainConfig:
     patience: int = option(0, "stop after this many epochs without a better validation Dice; 0: never stop early")
     select: str = option("last", "the model kept as best.pt and tested: the last epoch (a schedule annealed to its "
                                  "end), or the epoch with the best validation Dice", ("last", "best"))
-    postprocess: str = option("val", "val: threshold, smallest 2D component (pixels at 240x240) and largest-3D rule "
-                                     "chosen on validation; or fixed as THRESHOLD,MIN_PIXELS,on|off (e.g. 0.3,50,on)")
+    postprocess: str = option("val", "val: threshold, smallest 2D component (pixels at 240x240), largest-3D rule and "
+                                     "smallest region (voxels) chosen on validation, per region; or fixed as "
+                                     "THRESHOLD,MIN_PIXELS,on|off[,MIN_VOXELS] for every region, or one per region "
+                                     "joined by / (e.g. 0.3,50,on or 0.4,25,on/0.5,25,on/0.5,0,off,200)")
     bce_weight: float = option(1.0, "weight of BCE in the loss")
     dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
     # augmentation (on the device)
@@ -185,7 +193,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.time_budget and cfg.warmup < 1:
         raise data.UserError(f"--time-budget needs --warmup of at least 1 epoch (got {cfg.warmup}): the epochs are "
                              f"decided after the first one, whose learning rates must not depend on them")
-    fixed_post = inference.parse_postprocess(cfg.postprocess)
+    fixed_post = inference.parse_postprocess(cfg.postprocess, data.TARGETS[cfg.target])
     if cfg.train_on == "train+val" and not (cfg.select == "last" and cfg.patience == 0 and fixed_post):
         raise data.UserError("--train-on train+val trains on the validation patients, so nothing can be chosen on "
                              "them: it needs --select last --patience 0 and a fixed --postprocess (e.g. 0.3,50,on)")
@@ -243,7 +251,7 @@ def set_up(cfg: TrainConfig) -> Run:
 
 
 RUN_FILES = ("config.json", "split.json", "log.jsonl", "best.pt", "last.pt", "metrics.json", "curves.png",
-             "overlays.png", "failures.png")
+             "overlays.png", "failures.png", "failures_tc.png", "failures_et.png")
 
 
 def claim_run_folder(cfg: TrainConfig, run: Run) -> None:
@@ -301,7 +309,7 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, feed.TrainB
     batches = feed.TrainBatches(
         cache, trained_on, channels, run.device, batch_size, context=cfg.context, resident=cfg.resident == "on",
         workers=cfg.workers, seed=training_seed(cfg), rank=run.rank, world=run.world, augment=cfg.augment == "on",
-        modality_dropout=cfg.modality_dropout)
+        modality_dropout=cfg.modality_dropout, regions=data.TARGETS[cfg.target])
     val_set = feed.load_slices(cache, split["val"], channels, cfg.context, run.device)
     if (cfg.select == "best" or cfg.postprocess == "val") and not val_set.masks.any():
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
@@ -329,7 +337,8 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, feed.TrainB
 
 def build_model(cfg: TrainConfig) -> UNet:
     inputs = len(channel_list(cfg.channel)) * (2 * cfg.context + 1)
-    return UNet(UNetConfig(in_channels=inputs, base=cfg.base, depth=cfg.depth, norm=cfg.norm))
+    return UNet(UNetConfig(in_channels=inputs, out_channels=len(data.TARGETS[cfg.target]), base=cfg.base,
+                           depth=cfg.depth, norm=cfg.norm))
 
 
 @dataclass
@@ -456,7 +465,7 @@ class Progress:
 def train_epoch(train_step, batches: feed.TrainBatches, epoch: int, run: Run, progress: Progress,
                 stop: StopOnSignal) -> dict:
     """Run epoch `epoch` from batch progress.batch on; train loss (mean over batches) and Dice/IoU pooled over its
-    pixels at threshold 0.5. Totals stay on the device until the one host synchronisation at the end (summed over
+    pixels (and regions) at threshold 0.5. Totals stay on the device until the one host synchronisation at the end (summed over
     ranks under DDP). On a stop signal: progress is updated to the step reached and Stopped is raised."""
     start = progress.batch
     totals = torch.tensor(progress.totals or [0.0, 0.0, 0.0, 0.0, -1.0], dtype=torch.float64, device=run.device)
@@ -493,19 +502,25 @@ def train_epoch(train_step, batches: feed.TrainBatches, epoch: int, run: Run, pr
 
 @torch.inference_mode()
 def validate(model: torch.nn.Module, val_set: feed.SliceSet, cfg: TrainConfig, run: Run, batch_size: int) -> dict:
-    """Validation loss (Dice + BCE), and Dice and IoU per volume (mean over volumes) at the training size and
-    threshold 0.5. Every rank validates (the set is small and resident); under DDP rank 0's numbers are every
-    rank's (BatchNorm statistics differ per rank), so all ranks stop together."""
+    """Validation loss (Dice + BCE), and Dice and IoU per volume and region (their mean; with several regions each
+    region's Dice too) at the training size and threshold 0.5. Every rank validates (the set is small and
+    resident); under DDP rank 0's numbers are every rank's (BatchNorm statistics differ per rank), so all ranks
+    stop together."""
+    regions = data.TARGETS[cfg.target]
     logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed)
-    masks = val_set.masks.to(run.device)
-    loss = dice_bce_loss(logits.unsqueeze(1), masks.unsqueeze(1), bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                         backend="torch")
-    per_slice = metrics.counts(logits > 0, masks)
+    masks = data.region_masks(val_set.masks.to(run.device), regions)
+    loss = dice_bce_loss(logits, masks, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight, backend="torch")
     volume = val_set.volume.to(run.device)
-    per_volume = [torch.zeros(len(val_set.volume_ids), dtype=torch.float64, device=run.device).index_add_(0, volume, c)
-                  for c in per_slice]
-    val = {"val_loss": loss.item(), "val_dice": metrics.nanmean(metrics.dice_from_counts(*per_volume).tolist()),
-           "val_iou": metrics.nanmean(metrics.iou_from_counts(*per_volume).tolist())}
+    dice, iou = [], []
+    for i in range(len(regions)):
+        per_slice = metrics.counts(logits[:, i] > 0, masks[:, i])
+        per_volume = [torch.zeros(len(val_set.volume_ids), dtype=torch.float64, device=run.device).index_add_(0, volume, c)
+                      for c in per_slice]
+        dice.append(metrics.dice_from_counts(*per_volume).tolist())
+        iou.append(metrics.iou_from_counts(*per_volume).tolist())
+    val = {"val_loss": loss.item(), "val_dice": metrics.nanmean(sum(dice, [])), "val_iou": metrics.nanmean(sum(iou, []))}
+    if len(regions) > 1:
+        val.update({f"val_dice_{r}": metrics.nanmean(d) for r, d in zip(regions, dice)})
     if run.ddp:
         agreed = torch.tensor(list(val.values()), dtype=torch.float64, device=run.device)
         dist.broadcast(agreed, 0)
@@ -623,20 +638,23 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
     then evaluate the test patients once; writes metrics.json. Returns the per-slice rows and masks of the test
     patients and the epoch of the model tested, for the figures."""
+    regions = list(data.TARGETS[cfg.target])
     predictor = inference.Predictor.from_checkpoints([run.out / "best.pt"], run.device, 2 * cfg.batch_size,
                                                      speed=dataclasses.replace(run.speed, compile=False))
-    post, val_best = inference.parse_postprocess(cfg.postprocess), None
+    post, val_best = inference.parse_postprocess(cfg.postprocess, regions), None
     if post is None:
-        val_truth = {v: cache.full_masks(v) for v in split["val"]}
-        post, val_best = inference.choose_postprocessing(inference.volume_probs(predictor, cache, split["val"]), val_truth)
+        val_labels = {v: cache.full_labels(v) for v in split["val"]}
+        post, val_best = inference.choose_region_postprocessing(
+            inference.volume_probs(predictor, cache, split["val"]), val_labels, regions)
     ckpt = torch.load(run.out / "best.pt", map_location="cpu", weights_only=True)
-    inference.save_checkpoint({**ckpt, **post}, run.out / "best.pt")
-    summary, records, masks = inference.evaluate(inference.volume_probs(predictor, cache, split["test"]), cache, post)
+    inference.save_checkpoint({**ckpt, "post": post}, run.out / "best.pt")
+    summary, records, masks = inference.evaluate(inference.volume_probs(predictor, cache, split["test"]), cache, post,
+                                                 regions)
     kept = ckpt["epoch"]
-    result = {"test": summary, **post, "val_volume_dice_at_choice": val_best, "train_on": cfg.train_on, "best_epoch": kept,
-              "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget, "data": cfg.data,
-              "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)], "size": cfg.size, "folds": cfg.folds,
-              "fold": cfg.fold, "split": split}
+    result = {"test": summary, "regions": regions, "post": post, "val_dice_at_choice": val_best, "train_on": cfg.train_on,
+              "best_epoch": kept, "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget,
+              "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)], "size": cfg.size,
+              "folds": cfg.folds, "fold": cfg.fold, "split": split}
     with data.atomic_path(run.out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     print(f"test ({summary['volumes']} unseen patients, 240x240): volume Dice {summary['volume_dice']:.4f} ± "
@@ -644,6 +662,10 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
           f"HD95 {summary['hd95_mm']:.2f} mm; slice Dice {summary['slice_dice']:.4f} on {summary['tumour_slices']} "
           f"tumour slices; {summary['false_positive_slices']} of {summary['empty_slices']} empty slices with false "
           f"positives ({post}, model of epoch {kept})")
+    if len(regions) > 1:
+        print("test per region: " + "; ".join(f"{r.upper()} Dice {m['dice']:.4f} (min {m['dice_min']:.4f}), IoU "
+                                              f"{m['iou']:.4f}, HD95 {m['hd95_mm']:.2f} mm"
+                                              for r, m in summary["regions"].items()))
     return records, masks, kept
 
 
@@ -666,15 +688,16 @@ def main(cfg: TrainConfig) -> None:
         return
     try:
         records, masks, kept_epoch = test(cfg, run, cache, split, log, epochs)
-        figures.run_figures(run.out, cache, log, records, masks, kept_epoch)
+        figures.run_figures(run.out, cache, log, records, masks, kept_epoch, list(data.TARGETS[cfg.target]))
     except data.UserError:
         raise
     except Exception as e:  # training is done and its checkpoints are safe: say so in one line
         raise data.UserError(f"training finished but the test phase failed ({type(e).__name__}: "
                              f"{data.first_line(e)}); best.pt and last.pt in {run.out} are intact: "
                              f"rerun the test with `python train.py --resume {run.out}`") from e
+    extra = "".join(f" failures_{r}.png" for r in data.TARGETS[cfg.target][1:])
     print(f"wrote {run.out}/: config.json split.json log.jsonl best.pt last.pt metrics.json curves.png overlays.png "
-          "failures.png")
+          f"failures.png{extra}")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -6,8 +6,9 @@
 Fold i trains with `--folds K --fold i` (test = fold i, validation = fold i + 1, training = the rest), so every
 patient is a test patient exactly once and nothing is chosen on it. Folds run --jobs at a time (each with
 OMP_NUM_THREADS = cores / jobs); a fold whose metrics.json exists is not run again, one with a last.pt is resumed.
-The report (stdout and OUT/cv.md): one row per patient (fold, Dice, IoU, HD95, tumour volume), then mean, std
-and min over patients, with the folds' wall times.
+The report (stdout and OUT/cv.md): one row per patient (fold, site, Dice, IoU, HD95, tumour volume; with --target
+regions each region's Dice and HD95), then mean, std and min over patients, over each site (data.site_of) and over
+each --group NAME=ID,ID,... and the rest, with the folds' wall times.
 
     python bench/cv.py --folds 7 --out runs/cv --choose-postprocess   # a --postprocess for each fold, and one for all
 
@@ -71,21 +72,23 @@ def choose_postprocessing(args) -> str:
         cache = data.prepare(cfg["data"], cfg["size"], cache_dir, cfg["crop"] == "on")
         predictor = inference.Predictor.from_checkpoints([run / "best.pt"], device)
         for vid, p in inference.volume_probs(predictor, cache, split["val"]).items():
-            probs[f"{fold}/{vid}"], truth[f"{fold}/{vid}"] = p, cache.full_masks(vid)
+            probs[f"{fold}/{vid}"], truth[f"{fold}/{vid}"] = p, cache.full_labels(vid)
         runs[fold] = (split["test"], predictor, cache, {v["id"]: v["dice"] for v in result["test"]["per_volume"]})
+        regions = predictor.regions
         print(f"fold {fold}: validation probabilities of {', '.join(split['val'])}", flush=True)
 
     def rule(keys: list[str]) -> tuple[dict, str]:
-        post, dice = inference.choose_postprocessing({k: probs[k] for k in keys}, {k: truth[k] for k in keys})
-        return post, (f"{post['threshold']},{post['min_component']},{'on' if post['largest_3d'] else 'off'} "
-                      f"(mean Dice {dice:.3f} over {len(keys)} validation runs)")
+        post, dice = inference.choose_region_postprocessing({k: probs[k] for k in keys}, {k: truth[k] for k in keys},
+                                                            regions)
+        return post, (f"{inference.format_postprocess(post, regions)} (mean Dice "
+                      f"{', '.join(f'{r.upper()} {d:.3f}' for r, d in dice.items())} over {len(keys)} validation runs)")
 
     lines = ["", "| post-processing chosen on pooled validation runs | --postprocess | test Dice with it | "
                  "with the fold's own choice |", "|---|---|---|---|"]
     pooled, own = [], []
     for fold, (test_ids, predictor, cache, own_dice) in runs.items():
         post, text = rule([k for k in probs if k.split("/", 1)[1] not in test_ids])
-        summary = inference.evaluate(inference.volume_probs(predictor, cache, test_ids), cache, post)[0]
+        summary = inference.evaluate(inference.volume_probs(predictor, cache, test_ids), cache, post, regions)[0]
         pooled += [v["dice"] for v in summary["per_volume"]]
         own += [own_dice[v["id"]] for v in summary["per_volume"]]
         lines.append(f"| fold {fold} (runs without its test patients) | {text} | "
@@ -96,8 +99,28 @@ def choose_postprocessing(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fold_post(result: dict) -> tuple[list[str], dict]:
+    """A fold's regions and post-processing from its metrics.json (before regions existed: the whole tumour's, at
+    the top level)."""
+    if "post" in result:
+        return result["regions"], result["post"]
+    return ["wt"], {"wt": {**inference.UNCHOSEN, **{k: result[k] for k in ("threshold", "min_component", "largest_3d")}}}
+
+
+def summary_rows(name: str, rows: list[dict], regions: list[str]) -> list[str]:
+    """Mean, std, min and max of Dice, IoU and HD95 (and each further region's Dice and HD95) over `rows`."""
+    lines = []
+    keys = [("Dice", "dice"), ("IoU", "iou"), ("HD95 mm", "hd95_mm")]
+    keys += [(f"{r.upper()} {label}", f"{r}_{key}") for r in regions[1:] for label, key in (("Dice", "dice"), ("HD95 mm", "hd95_mm"))]
+    for label, key in keys:
+        values = [r[key] for r in rows]
+        lines.append(f"| {name} ({len(rows)}) | {label} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | "
+                     f"{min(values):.3f} | {max(values):.3f} |")
+    return lines
+
+
 def report(args) -> str:
-    rows, walls = [], {}
+    rows, walls, regions = [], {}, ["wt"]
     for fold in range(args.folds):
         path = args.out / f"fold{fold}" / "metrics.json"
         if not path.exists():
@@ -105,25 +128,48 @@ def report(args) -> str:
         result = json.loads(path.read_text())
         log = [json.loads(line) for line in (args.out / f"fold{fold}" / "log.jsonl").read_text().splitlines()]
         walls[fold] = sum(r["seconds"] for r in log)
+        fold_regions, post = fold_post(result)
+        if rows and fold_regions != regions:
+            raise SystemExit(f"cv.py: error: fold {fold} predicts {fold_regions}, the folds before it {regions}: one "
+                             f"cross-validation is of one --target")
+        regions = fold_regions
+        fixed = result.get("val_dice_at_choice", result.get("val_volume_dice_at_choice", 0)) is None
         for v in result["test"]["per_volume"]:
-            rows.append((v["id"], fold, v["dice"], v["iou"], v["hd95_mm"], v["tumour_voxels"] / 1000,
-                         result["threshold"], result["min_component"], result["largest_3d"],
-                         "fixed" if result.get("val_volume_dice_at_choice", 0) is None else "chosen on validation"))
+            row = {"id": v["id"], "fold": fold, "site": data.site_of(v["id"]) or "-", "dice": v["dice"], "iou": v["iou"],
+                   "hd95_mm": v["hd95_mm"], "ml": v["tumour_voxels"] / 1000,
+                   "post": f"{inference.format_postprocess(post, regions)} ({'fixed' if fixed else 'chosen on validation'})"}
+            for r in regions[1:]:
+                row.update({f"{r}_dice": v["regions"][r]["dice"], f"{r}_hd95_mm": v["regions"][r]["hd95_mm"]})
+            rows.append(row)
+    extra = "".join(f" {r.upper()} Dice | {r.upper()} HD95 mm |" for r in regions[1:])
     lines = [f"machine: {machine('cpu')}; {utc_now()}; commit {git_commit()}",
              f"folds run: {sorted(walls)} of {args.folds}; training seconds per fold (sum of epochs): "
              + ", ".join(f"{f}: {s:.0f}" for f, s in sorted(walls.items())), "",
-             "| patient | fold | Dice | IoU | HD95 mm | tumour mL | post-processing |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for pid, fold, dice, iou, hd, ml, th, mc, l3, how in sorted(rows, key=lambda r: r[2]):
-        lines.append(f"| {pid} | {fold} | {dice:.3f} | {iou:.3f} | {hd:.1f} | {ml:.1f} | threshold {th}, min {mc} px, "
-                     f"largest 3D {'on' if l3 else 'off'} ({how}) |")
+             f"| patient | fold | site | Dice | IoU | HD95 mm | tumour mL |{extra} --postprocess |",
+             "|---|---:|---|---:|---:|---:|---:|" + "---:|---:|" * (len(regions) - 1) + "---|"]
+    for r in sorted(rows, key=lambda r: r["dice"]):
+        more = "".join(f" {r[f'{x}_dice']:.3f} | {r[f'{x}_hd95_mm']:.1f} |" for x in regions[1:])
+        lines.append(f"| {r['id']} | {r['fold']} | {r['site']} | {r['dice']:.3f} | {r['iou']:.3f} | {r['hd95_mm']:.1f} | "
+                     f"{r['ml']:.1f} |{more} {r['post']} |")
     if rows:
-        lines += ["", f"| over {len(rows)} patients | mean | std | min | max |", "|---|---:|---:|---:|---:|"]
-        for name, k in (("Dice", 2), ("IoU", 3), ("HD95 mm", 4)):
-            values = [r[k] for r in rows]
-            lines.append(f"| {name} | {statistics.mean(values):.3f} | {statistics.pstdev(values):.3f} | "
-                         f"{min(values):.3f} | {max(values):.3f} |")
+        lines += ["", "| patients | metric | mean | std | min | max |", "|---|---|---:|---:|---:|---:|"]
+        lines += summary_rows("all", rows, regions)
+        for site in sorted({r["site"] for r in rows}) if len({r["site"] for r in rows}) > 1 else []:
+            lines += summary_rows(f"site {site}", [r for r in rows if r["site"] == site], regions)
+        for name, members in args.group:
+            inside = [r for r in rows if r["id"] in members]
+            outside = [r for r in rows if r["id"] not in members]
+            lines += summary_rows(name, inside, regions) if inside else []
+            lines += summary_rows(f"not {name}", outside, regions) if outside else []
     return "\n".join(lines) + "\n"
+
+
+def group(text: str) -> tuple[str, set[str]]:
+    """--group NAME=ID,ID,...: a named set of patients the report summarises apart (and the rest)."""
+    name, _, ids = text.partition("=")
+    if not name or not ids:
+        raise argparse.ArgumentTypeError(f"expected NAME=ID,ID,..., got {text!r}")
+    return name, set(ids.split(","))
 
 
 def main() -> int:
@@ -137,6 +183,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=1, help="folds run at the same time")
     p.add_argument("--out", type=Path, required=True, help="OUT/fold<i>/ holds each fold's run folder")
     p.add_argument("--report-only", action="store_true", help="do not run folds, only report those run")
+    p.add_argument("--group", type=group, action="append", default=[], metavar="NAME=ID,ID,...",
+                   help="also summarise these patients, and the others, apart (repeatable)")
     p.add_argument("--choose-postprocess", action="store_true",
                    help="do not run folds: choose --postprocess on the finished folds' pooled validation patients")
     args = p.parse_args(argv)

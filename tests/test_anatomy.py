@@ -67,7 +67,7 @@ def test_preprocessed_flair_is_bright_under_the_cached_mask(sample_subset, tmp_p
         cache = data.prepare(f"nifti:{sample_subset}", 64, tmp_path, crop_to_brain=crop)
         for vid in cache.volume_ids:
             flair = cache.images(vid)[:, MODALITY["flair"]].astype(np.float32)
-            mask = cache.masks(vid).astype(bool)
+            mask = cache.masks(vid) > 0
             brain = (cache.images(vid) != 0).any(1)
             assert flair[mask].mean() - flair[brain & ~mask].mean() > 0.7, (vid, crop)
 
@@ -85,7 +85,7 @@ def test_the_crop_box_holds_the_brain_and_the_full_masks_are_the_raw_labels(samp
         xs, ys = np.flatnonzero(brain.any((1, 2))), np.flatnonzero(brain.any((0, 2)))
         assert x0 <= xs[0] and xs[-1] < x0 + side and y0 <= ys[0] and ys[-1] < y0 + side
         assert side <= max(xs[-1] - xs[0], ys[-1] - ys[0]) + 1 + 2 * data.CROP_MARGIN
-        np.testing.assert_array_equal(cache.full_masks(vid), (seg > 0).transpose(2, 0, 1)[kept])
+        np.testing.assert_array_equal(cache.full_labels(vid), seg.transpose(2, 0, 1)[kept])
 
 
 def test_normalisation_is_per_volume_not_per_slice():

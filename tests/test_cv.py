@@ -53,3 +53,46 @@ def test_choose_postprocess_refuses_folds_trained_on_their_validation_patients(t
                       "--cache-dir", str(tmp_path / "c")]) == 0
     with pytest.raises(SystemExit, match="fold 0 trained on its validation patients"):
         load_cv().choose_postprocessing(argparse.Namespace(folds=3, out=out))
+
+
+def test_report_reads_both_metrics_formats_and_summarises_sites_groups_and_regions(tmp_path):
+    """Hand-made folds: fold 0 written before regions existed (post-processing at the top level), fold 1 of the
+    whole tumour in today's format. The report lists every patient with its site and --postprocess, and the means
+    over all, over each site and over a --group and the rest are the hand-computed ones. Then fold 1 with three
+    regions: its TC and ET columns, and a refusal to mix it with a whole-tumour fold."""
+    cv = load_cv()
+    old = {"threshold": 0.4, "min_component": 25, "largest_3d": True, "val_volume_dice_at_choice": 0.8,
+           "test": {"per_volume": [
+               {"id": "Brats18_CBICA_AAA_1", "dice": 0.9, "iou": 0.8, "hd95_mm": 4.0, "tumour_voxels": 50000},
+               {"id": "Brats18_2013_1_1", "dice": 0.5, "iou": 0.4, "hd95_mm": 20.0, "tumour_voxels": 10000}]}}
+    scores = {"wt": {"dice": 0.7, "iou": 0.6, "hd95_mm": 6.0}, "tc": {"dice": 0.6, "hd95_mm": 8.0},
+              "et": {"dice": 1.0, "hd95_mm": 0.0}}
+
+    def new(regions):
+        return {"regions": regions, "val_dice_at_choice": None,
+                "post": {r: {**inference.UNCHOSEN, "min_volume": 200 if r == "et" else 0} for r in regions},
+                "test": {"per_volume": [{"id": "Brats18_CBICA_BBB_1", **scores["wt"], "tumour_voxels": 30000,
+                                         "regions": {r: scores[r] for r in regions}}]}}
+
+    def write(fold, result):
+        (tmp_path / f"fold{fold}").mkdir(exist_ok=True)
+        (tmp_path / f"fold{fold}" / "metrics.json").write_text(json.dumps(result))
+        (tmp_path / f"fold{fold}" / "log.jsonl").write_text(json.dumps({"seconds": 60.0 * (fold + 1)}) + "\n")
+
+    write(0, old)
+    write(1, new(["wt"]))
+    args = argparse.Namespace(folds=3, out=tmp_path, group=[("g", {"Brats18_2013_1_1", "Brats18_CBICA_BBB_1"})])
+    text = cv.report(args)
+    assert "folds run: [0, 1] of 3" in text and "0: 60, 1: 120" in text
+    assert "| Brats18_CBICA_AAA_1 | 0 | CBICA | 0.900 | 0.800 | 4.0 | 50.0 | 0.4,25,on (chosen on validation) |" in text
+    assert "| Brats18_CBICA_BBB_1 | 1 | CBICA | 0.700 | 0.600 | 6.0 | 30.0 | 0.5,0,off (fixed) |" in text
+    assert "| all (3) | Dice | 0.700 |" in text and "| site CBICA (2) | Dice | 0.800 |" in text
+    assert "| site 2013 (1) | HD95 mm | 20.000 |" in text
+    assert "| g (2) | Dice | 0.600 |" in text and "| not g (1) | Dice | 0.900 |" in text
+    write(1, new(["wt", "tc", "et"]))
+    with pytest.raises(SystemExit, match="fold 1 predicts .*one cross-validation is of one --target"):
+        cv.report(args)
+    (tmp_path / "fold0" / "metrics.json").unlink()
+    text = cv.report(args)
+    assert "| 0.700 | 0.600 | 6.0 | 30.0 | 0.600 | 8.0 | 1.000 | 0.0 | 0.5,0,off/0.5,0,off/0.5,0,off,200 (fixed) |" in text
+    assert "| all (1) | ET Dice | 1.000 |" in text and "| all (1) | TC HD95 mm | 8.000 |" in text

@@ -123,6 +123,23 @@ def test_k_folds_are_stratified_by_site():
     assert data.split_volumes(plain, seed=5, folds=4, fold=1)["test"] == sorted(order[1::4])
 
 
+def test_regions_of_a_hand_made_label_map_and_back():
+    """One row of labels 0, 2, 1, 4, 4: WT is the four tumour voxels, TC the core and enhancing ones, ET the two
+    enhancing ones; the label map rebuilt from the three masks is the original; an ET voxel predicted outside TC and
+    WT widens both (it is labelled 4), a TC voxel outside WT widens WT (labelled 1)."""
+    label = np.array([[[0, 2, 1, 4, 4]]], np.uint8)
+    masks = data.region_masks(label, ("wt", "tc", "et"))
+    assert masks.shape == (1, 3, 1, 5)
+    assert masks[0, :, 0].astype(int).tolist() == [[0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    np.testing.assert_array_equal(data.labels_from_regions(masks, ("wt", "tc", "et")), label)
+    assert data.region_masks(torch.from_numpy(label), ["et", "wt"])[0, :, 0].int().tolist() == [[0, 0, 0, 1, 1],
+                                                                                              [0, 1, 1, 1, 1]]
+    loose = np.zeros((1, 3, 1, 3), bool)
+    loose[0, 2, 0, 0] = loose[0, 1, 0, 1] = loose[0, 0, 0, 2] = True  # ET alone, TC alone, WT alone
+    assert data.labels_from_regions(loose, ("wt", "tc", "et"))[0, 0].tolist() == [4, 1, 2]
+    assert data.labels_from_regions(loose[:, ::-1], ("et", "tc", "wt"))[0, 0].tolist() == [4, 1, 2]  # any order
+
+
 def test_synthetic_goes_through_the_h5_layout_and_the_cache_round_trips(tmp_path):
     cache = data.prepare("synthetic:3x8", 32, tmp_path, crop_to_brain=False)
     h5 = sorted((tmp_path / "synthetic-v1-3x8" / "BraTS2020_training_data" / "content" / "data").glob("*.h5"))
@@ -134,7 +151,7 @@ def test_synthetic_goes_through_the_h5_layout_and_the_cache_round_trips(tmp_path
     meta = cache.volume("2")
     assert meta["slices"] == keep.tolist() and meta["depth"] == 8 and meta["dropped"] == 8 - len(keep)
     np.testing.assert_array_equal(cache.images("2"), images)
-    np.testing.assert_array_equal(cache.full_masks("2"), (label[keep] > 0).astype(np.uint8))
+    np.testing.assert_array_equal(cache.full_labels("2"), label[keep])
     assert cache.images("2").dtype == np.float16 and cache.masks("2").dtype == np.uint8
     assert cache.masks("2").shape == (len(keep), 32, 32)
     assert set(np.unique(label)) <= {0, 1, 2, 4} and {1, 2, 4} <= set(np.unique(label))

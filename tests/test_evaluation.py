@@ -45,7 +45,8 @@ def test_evaluate_by_hand(two_volumes):
         "A": np.stack([square(f, slice(100, 110), slice(100, 105)), square(f, slice(10, 13), slice(10, 13))]).astype(np.float16),
         "B": square(f, slice(50, 70), slice(50, 70))[None].astype(np.float16),
     }
-    summary, records, masks = inference.evaluate(probs, two_volumes, {"threshold": 0.5, "min_component": 0, "largest_3d": False})
+    probs = {v: p[:, None] for v, p in probs.items()}  # one region: the whole tumour
+    summary, records, masks = inference.evaluate(probs, two_volumes, {"wt": dict(inference.UNCHOSEN)}, ["wt"])
     a, b = summary["per_volume"]
     # A: |P| = 50 + 9, |T| = 100, |P∩T| = 50 → Dice 100 / 159, IoU 50 / 109 (the volume's, not its slices' mean)
     assert a["dice"] == pytest.approx(100 / 159, abs=1e-6) and a["iou"] == pytest.approx(50 / 109, abs=1e-6)
@@ -95,11 +96,11 @@ def test_choose_postprocessing_finds_the_known_best():
     probs[2, 50:54, 50:55] = 0.65
     probs[4, 40:55, 40:60] = 0.55
     post, dice = inference.choose_postprocessing({"v": probs}, {"v": truth.astype(np.uint8)})
-    assert post == {"threshold": 0.5, "min_component": 25, "largest_3d": True} and dice == pytest.approx(1.0)
+    assert post == {"threshold": 0.5, "min_component": 25, "largest_3d": True, "min_volume": 0} and dice == pytest.approx(1.0)
     # without the blob the largest-3D rule changes nothing and is not chosen (ties keep the simpler rule)
     probs[4] = 0
     post, dice = inference.choose_postprocessing({"v": probs}, {"v": truth.astype(np.uint8)})
-    assert post == {"threshold": 0.5, "min_component": 25, "largest_3d": False} and dice == pytest.approx(1.0)
+    assert post == {"threshold": 0.5, "min_component": 25, "largest_3d": False, "min_volume": 0} and dice == pytest.approx(1.0)
 
 
 def test_largest_component_is_26_connected():
@@ -135,7 +136,7 @@ def test_prediction_batches_all_have_one_shape():
     logits = inference.predict_logits(Recorder(), images, feed.context_index([7], 0), torch.device("cpu"), 3,
                                       inference.Speed(None, False, False))
     assert shapes == [(3, 2, 4, 4)] * 3
-    assert torch.equal(logits, images[:, 0] * 2)
+    assert torch.equal(logits, images[:, :1] * 2)
 
 
 def test_evaluate_passes_each_axis_its_own_spacing(tmp_path):
@@ -155,8 +156,8 @@ def test_evaluate_passes_each_axis_its_own_spacing(tmp_path):
     meta = {"size": 32, "volumes": [{"id": "V", "depth": 6, "slices": [1, 2, 3, 4], "box": [0, 0, 240],
                                      "spacing": [2.0, 1.0, 3.0]}]}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    summary, _, _ = inference.evaluate({"V": full_pred[1:5].astype(np.float16)}, data.Cache(tmp_path, meta),
-                                       {"threshold": 0.5, "min_component": 0, "largest_3d": False})
+    summary, _, _ = inference.evaluate({"V": full_pred[1:5, None].astype(np.float16)}, data.Cache(tmp_path, meta),
+                                       {"wt": dict(inference.UNCHOSEN)}, ["wt"])
 
     def brute(spacing):
         return max(directed_hd95(full_pred, full_true, spacing), directed_hd95(full_true, full_pred, spacing))
@@ -171,3 +172,97 @@ def test_postprocess_threshold_keeps_probabilities_equal_to_it():
     """A pixel whose probability is exactly the threshold is tumour (probability >= threshold), one below is not."""
     probs = np.array([[[0.5, 0.4995, 0.75]]], np.float32)
     assert inference.postprocess(probs, 0.5, 0).tolist() == [[[True, False, True]]]
+
+
+@pytest.fixture
+def labelled(tmp_path) -> data.Cache:
+    """Volume P: one slice, oedema (2) in rows 0-19, core (1) in rows 20-29, enhancing (4) in rows 30-39 (columns
+    0-9 each: 200, 100, 100 voxels). Volume Q: one slice, oedema only (rows 0-9, 100 voxels): no core, no ET."""
+    f = (data.RAW_SIZE, data.RAW_SIZE)
+    p, q = np.zeros((1, *f), np.uint8), np.zeros((1, *f), np.uint8)
+    p[0, 0:20, 0:10], p[0, 20:30, 0:10], p[0, 30:40, 0:10] = 2, 1, 4
+    q[0, 0:10, 0:10] = 2
+    np.save(tmp_path / "full_P.npy", p)
+    np.save(tmp_path / "full_Q.npy", q)
+    meta = {"size": 32, "volumes": [{"id": v, "depth": 1, "slices": [0], "box": [0, 0, 240], "spacing": [1.0, 1.0, 1.0]}
+                                    for v in ("P", "Q")]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return data.Cache(tmp_path, meta)
+
+
+def test_evaluate_regions_by_hand_with_the_brats_empty_conventions(labelled):
+    """P: WT predicted exactly, TC over rows 20-34 (the core and half the ET: Dice 2 * 150 / 350), ET over rows
+    35-44 (half of it, plus 50 voxels of oedema; nesting adds those 50 to TC too: TC 150 + 50 predicted against 200).
+    Q: WT exact, no TC predicted (Dice 1, HD95 0: absent in both), an ET speck of 4 voxels (absent from the label:
+    Dice 0, HD95 the diagonal). A TC speck outside WT in Q widens WT (labelled 1): WT Dice 200 / 204."""
+    f = (data.RAW_SIZE, data.RAW_SIZE)
+    probs = {"P": np.zeros((1, 3, *f), np.float16), "Q": np.zeros((1, 3, *f), np.float16)}
+    probs["P"][0, 0, 0:40, 0:10] = 0.9
+    probs["P"][0, 1, 20:35, 0:10] = 0.9
+    probs["P"][0, 2, 35:45, 0:10] = 0.9
+    probs["Q"][0, 0, 0:10, 0:10] = 0.9
+    probs["Q"][0, 2, 5:7, 5:7] = 0.9
+    probs["Q"][0, 1, 100:102, 100:102] = 0.9  # TC outside WT: 4 voxels
+    post = {r: dict(inference.UNCHOSEN) for r in ("wt", "tc", "et")}
+    summary, records, masks = inference.evaluate(probs, labelled, post, ["wt", "tc", "et"])
+    p, q = (v["regions"] for v in summary["per_volume"])
+    # P: ET pred rows 35-44 (100), true rows 30-39 (100), overlap rows 35-39 (50): Dice 0.5. WT pred widened by the
+    # ET rows 40-44 (50): 450 vs 400, overlap 400. TC pred rows 20-44 (250) vs 200, overlap 200.
+    assert p["et"]["dice"] == pytest.approx(0.5) and p["wt"]["dice"] == pytest.approx(800 / 850)
+    assert p["tc"]["dice"] == pytest.approx(400 / 450) and p["tc"]["voxels"] == 200 and p["tc"]["predicted_voxels"] == 250
+    # Q: TC predicted 4 + the ET speck's 4 (nested) against none: 0 and the diagonal; ET speck: 0 and the diagonal
+    diagonal = math.sqrt(1 + 240 ** 2 + 240 ** 2)
+    assert q["et"] == {"dice": 0.0, "iou": 0.0, "hd95_mm": pytest.approx(diagonal), "voxels": 0, "predicted_voxels": 4}
+    assert q["tc"]["dice"] == 0.0 and q["tc"]["predicted_voxels"] == 8
+    assert q["wt"]["dice"] == pytest.approx(200 / 204)
+    assert summary["regions"]["et"]["dice"] == pytest.approx(0.25) and summary["regions"]["et"]["dice_min"] == 0.0
+    assert summary["volume_dice"] == summary["regions"]["wt"]["dice"]
+    assert masks["P"].shape == (1, 3, 240, 240) and records[0]["dice_et"] == pytest.approx(0.5)
+    assert math.isnan(records[1]["dice_et"]) and records[1]["area_tc"] == 0
+    # with nothing predicted in Q's TC and ET, both regions are absent in both: Dice 1, HD95 0
+    probs["Q"][0, 1:] = 0
+    q = inference.evaluate(probs, labelled, post, ["wt", "tc", "et"])[0]["per_volume"][1]["regions"]
+    assert q["et"]["dice"] == q["tc"]["dice"] == 1.0 and q["et"]["hd95_mm"] == 0.0
+
+
+def test_min_volume_is_chosen_on_the_patients_without_the_region():
+    """Validation: Q has no ET but a 60-voxel ET speck is predicted; P has a 300-voxel ET predicted exactly. A
+    minimum volume of 0 or 50 keeps the speck (mean Dice (1 + 0) / 2); 100 removes it and keeps P's (mean 1); 1000
+    would remove P's too. The smallest best: 100."""
+    f = (4, 32, 32)
+    truth = {"P": np.zeros(f, bool), "Q": np.zeros(f, bool)}
+    truth["P"][0:3, 0:10, 0:10] = True
+    probs = {"P": truth["P"].astype(np.float32), "Q": np.zeros(f, np.float32)}
+    probs["Q"][0:3, 20:24, 20:25] = 0.9  # 60 voxels
+    volume, dice = inference.choose_min_volume(probs, truth, dict(inference.UNCHOSEN))
+    assert (volume, dice) == (100, 1.0)
+    truth["Q"][0:3, 20:24, 20:25] = True  # the speck is real: removing anything only loses
+    assert inference.choose_min_volume(probs, truth, dict(inference.UNCHOSEN)) == (0, 1.0)
+
+
+def test_postprocess_removes_a_region_under_its_minimum_volume():
+    probs = np.zeros((2, 8, 8), np.float32)
+    probs[0, :3, :3] = probs[1, :2, :2] = 0.9  # 13 voxels
+    assert inference.postprocess(probs, 0.5, 0, min_volume=13).sum() == 13
+    assert inference.postprocess(probs, 0.5, 0, min_volume=14).sum() == 0
+
+
+def test_validation_dice_of_regions_is_the_mean_over_volumes_and_regions(tmp_path):
+    """One volume, labels 2 (rows 0-9) and 4 (rows 10-14), 10 columns: TC is the 50 ET voxels. The model predicts
+    WT exactly, TC as rows 5-14 (100 voxels: Dice 2 * 50 / 150 = 2/3) and ET as rows 10-14 (exact): val Dice
+    (1 + 2/3 + 1) / 3, each region's logged."""
+    masks = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    masks[0, 0:10, 0:10], masks[0, 10:15, 0:10] = 2, 4
+    val = feed.SliceSet(torch.zeros(1, 1, 32, 32, dtype=torch.float16), masks, torch.tensor([0]), ["v"],
+                        feed.context_index([1], 0))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            out = torch.full((x.shape[0], 3, 32, 32), -10.0)
+            out[:, 0, 0:15, 0:10] = out[:, 1, 5:15, 0:10] = out[:, 2, 10:15, 0:10] = 10.0
+            return out
+
+    run = train.Run(torch.device("cpu"), inference.Speed(None, False, False), tmp_path)
+    out = train.validate(Fixed(), val, train.TrainConfig(target="regions"), run, batch_size=1)
+    assert out["val_dice"] == pytest.approx(8 / 9) and out["val_dice_tc"] == pytest.approx(2 / 3)
+    assert out["val_dice_wt"] == out["val_dice_et"] == pytest.approx(1.0)

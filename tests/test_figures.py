@@ -67,7 +67,7 @@ def test_montage_draws_the_prediction_red_and_the_label_lime(tmp_path, with_trut
     truth = np.zeros_like(pred)
     truth[2:5, 25:45, 25:45] = True
     path = tmp_path / "m.png"
-    figures.write_montage(flair, pred, truth if with_truth else None, path, "title")
+    figures.write_montage(flair, pred[:, None], truth[:, None] if with_truth else None, path, "title")
     png = matplotlib.image.imread(path)
     assert png.ndim == 3 and not list(tmp_path.glob(".tmp*"))
     assert colour_pixels(png, (1, 0, 0)) > 50  # the red outline (plus its legend line)
@@ -81,3 +81,32 @@ def test_picks_put_each_volume_s_largest_tumour_slice_first():
     picks = figures.pick_overview(records, n=3)
     assert [(r["volume"], r["slice"]) for r in picks[:2]] == [("a", 1), ("b", 0)] and len(picks) == 3
     assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records, n=2)] == [("b", 0), ("a", 0)]
+
+
+def test_montage_of_regions_draws_each_region_in_its_colour(tmp_path):
+    """Three nested predicted regions: the WT outline lime, TC red, ET yellow, each over enough pixels to be a drawn
+    outline and not only its legend line."""
+    flair = np.zeros((4, 96, 96), np.float32)
+    flair[:, 4:92, 4:92] = 1.0
+    pred = np.zeros((4, 3, 96, 96), bool)
+    pred[1, 0, 10:80, 10:80] = pred[1, 1, 25:65, 25:65] = pred[1, 2, 40:50, 40:50] = True
+    path = tmp_path / "r.png"
+    figures.write_montage(flair, pred, None, path, "regions", ["wt", "tc", "et"])
+    png = matplotlib.image.imread(path)
+    for colour in ((0, 1, 0), (1, 0, 0), (1, 1, 0)):
+        assert colour_pixels(png, colour) > 60, colour
+
+
+def test_label_overlay_colours_each_label():
+    """A uniform scan is black after the 1-99% window; each label is its colour at OVERLAY_ALPHA over it."""
+    image = np.ones((4, 4), np.float32)
+    label = np.array([[0, 1, 2, 4]] * 4, np.uint8)
+    rgb = figures.label_overlay(image, label)
+    for k, colour in {1: (0.9, 0.1, 0.1), 2: (0.1, 0.8, 0.1), 4: (1.0, 0.85, 0.0)}.items():
+        np.testing.assert_allclose(rgb[0, list(label[0]).index(k)], figures.OVERLAY_ALPHA * np.array(colour), atol=1e-6)
+    assert rgb[0, 0].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_worst_slices_of_a_region_skip_slices_without_it():
+    records = [{"volume": "a", "slice": z, "dice": 0.9, "dice_et": d} for z, d in ((0, float("nan")), (1, 0.2), (2, 0.6))]
+    assert [r["slice"] for r in figures.pick_worst(records, n=5, key="dice_et")] == [1, 2]

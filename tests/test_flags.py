@@ -25,6 +25,7 @@ BASE = ["--data", "synthetic:4x8", "--size", "32", "--base", "4", "--depth", "2"
 # flags whose effect a dedicated test proves: flag -> "file::test"
 PROVEN_ELSEWHERE = {
     "--channel": "tests/test_train.py::test_nifti_end_to_end_on_real_cases_one_channel",
+    "--target": "tests/test_train.py::test_regions_end_to_end",
     "--train-on": "tests/test_train.py::test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocessing",
     "--train-patients": "tests/test_train.py::test_train_patients_trains_on_a_subset_drawn_by_the_training_seed",
     "--time-budget": "tests/test_train.py::test_a_time_budget_too_short_for_two_epochs_trains_one",
@@ -215,9 +216,10 @@ def test_predict_overrides_replace_the_checkpoints_post_processing(baseline):
     uses; without them the checkpoint's own stay."""
     ckpt = best(baseline)
     plain = predict.load_predictor(predict.parse_args(["--ckpt", str(baseline / "best.pt"), "--out", "x", "case"]))
-    assert plain.post == {"threshold": ckpt["threshold"], "min_component": ckpt["min_component"],
-                          "largest_3d": ckpt["largest_3d"]}
+    assert plain.post == ckpt["post"] and set(ckpt["post"]) == {"wt"}
+    wt = ckpt["post"]["wt"]
     given = predict.load_predictor(predict.parse_args(
         ["--ckpt", str(baseline / "best.pt"), "--out", "x", "--threshold", "0.42", "--min-component", "77",
-         "--largest-3d", "off" if ckpt["largest_3d"] else "on", "case"]))
-    assert given.post == {"threshold": 0.42, "min_component": 77, "largest_3d": not ckpt["largest_3d"]}
+         "--largest-3d", "off" if wt["largest_3d"] else "on", "case"]))
+    assert given.post == {"wt": {"threshold": 0.42, "min_component": 77, "largest_3d": not wt["largest_3d"],
+                                 "min_volume": wt["min_volume"]}}

@@ -90,7 +90,7 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
     from scipy import ndimage
 
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    raw.update(threshold=0.7, min_component=25, largest_3d=True, channels=[2, 0])
+    raw.update(post={"wt": {"threshold": 0.7, "min_component": 25, "largest_3d": True, "min_volume": 0}}, channels=[2, 0])
     oracle_ckpt = tmp_path / "oracle.pt"
     torch.save(raw, oracle_ckpt)
     seg = np.asarray(nib.load(str(sample / GOOD / f"{GOOD}_seg.nii.gz")).dataobj)  # (x, y, z), labels 0, 1, 2, 4
@@ -116,7 +116,7 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
         ring = ndimage.binary_dilation(label[z_ring].numpy(), iterations=3) & ~label[z_ring].numpy()  # it in 3D
         logits[z_ring][torch.from_numpy(ring)] = 0.8
         x0, y0, side = kept["box"]  # logits of the brain's box at full resolution: data.uncrop pastes them as they are
-        return logits[:, x0:x0 + side, y0:y0 + side]
+        return logits[:, None, x0:x0 + side, y0:y0 + side]
 
     monkeypatch.setattr(data, "preprocess_volume", spy_preprocess)
     monkeypatch.setattr(inference, "predict_logits", oracle_logits)
@@ -140,23 +140,40 @@ def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, samp
     assert f"{GOOD}: found per label: " + ", ".join(shares) in captured.out
 
 
-def test_predict_reproduces_train_evaluation(sample_subset, tmp_path):
+@pytest.mark.parametrize("target", ["wt", "regions"])
+def test_predict_reproduces_train_evaluation(sample_subset, tmp_path, target):
     """A model trained on three real cases (4 channels, neighbour slices as context, cropped): predict.py's mask of
-    the test patient scores exactly the Dice and IoU that train.py's evaluation wrote for it."""
+    the test patient scores exactly the Dice and IoU that train.py's evaluation wrote for it; with --target regions,
+    its label map (values 0, 1, 2, 4 only, in the seg's space) scores each region's Dice exactly too, computed here
+    from the two label maps (WT: > 0, TC: 1 or 4, ET: 4; an empty region in both: 1), and its whole tumour is the
+    binary mask."""
     run = tmp_path / "run"
     assert train.cli(["--data", f"nifti:{sample_subset}", "--size", "32", "--epochs", "1", "--base", "4", "--depth", "2",
                       "--batch-size", "8", "--context", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
-                      "--out", str(run)]) == 0
+                      "--target", target, "--out", str(run)]) == 0
     row = json.loads((run / "metrics.json").read_text())["test"]["per_volume"][0]
     out = tmp_path / "pred"
     with contextlib.redirect_stdout(io.StringIO()):
         assert predict.cli(["--ckpt", str(run / "best.pt"), "--out", str(out), "--device", "cpu",
                             str(sample_subset / row["id"])]) == 0
     pred = np.asarray(nib.load(str(out / f"{row['id']}.nii.gz")).dataobj).astype(bool)
-    truth = np.asarray(nib.load(str(sample_subset / row["id"] / f"{row['id']}_seg.nii.gz")).dataobj) > 0
+    seg = np.asarray(nib.load(str(sample_subset / row["id"] / f"{row['id']}_seg.nii.gz")).dataobj)
+    truth = seg > 0
     inter, p, t = (pred & truth).sum(), pred.sum(), truth.sum()
     assert 2 * inter / (p + t) == pytest.approx(row["dice"], abs=1e-6) and truth.sum() == row["tumour_voxels"]
     assert inter / (p + t - inter) == pytest.approx(row["iou"], abs=1e-6)
+    if target == "wt":
+        assert not (out / f"{row['id']}_labels.nii.gz").exists()
+        return
+    labels_img = nib.load(str(out / f"{row['id']}_labels.nii.gz"))
+    labels = np.asarray(labels_img.dataobj)
+    assert labels.shape == seg.shape and set(np.unique(labels)) <= {0, 1, 2, 4}
+    np.testing.assert_array_equal(labels_img.affine, nib.load(str(sample_subset / row["id"] / f"{row['id']}_seg.nii.gz")).affine)
+    np.testing.assert_array_equal(labels > 0, pred)
+    for region, members in (("wt", (1, 2, 4)), ("tc", (1, 4)), ("et", (4,))):
+        a, b = np.isin(labels, members), np.isin(seg, members)
+        dice = 1.0 if not (a.any() or b.any()) else 2 * (a & b).sum() / (a.sum() + b.sum())
+        assert dice == pytest.approx(row["regions"][region]["dice"], abs=1e-6), region
 
 
 def test_the_context_travels_from_training_to_prediction_and_removed_levers_are_refused(tmp_path, monkeypatch):
@@ -174,7 +191,7 @@ def test_the_context_travels_from_training_to_prediction_and_removed_levers_are_
 
     def spy_logits(model, images, context, device, batch_size, speed):
         seen.append(context.tolist())
-        return torch.zeros(len(context), images.shape[-2], images.shape[-1])
+        return torch.zeros(len(context), 1, images.shape[-2], images.shape[-1])
 
     monkeypatch.setattr(inference, "predict_logits", spy_logits)
     images = np.zeros((5, 4, 32, 32), np.float16)
@@ -196,14 +213,15 @@ def test_the_context_travels_from_training_to_prediction_and_removed_levers_are_
 
 def test_checkpoint_round_trips(ckpt):
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert {"threshold", "min_component", "channels", "size", "config", "model", "unet"} <= raw.keys()
-    assert raw["threshold"] in inference.THRESHOLDS and raw["min_component"] in inference.MIN_COMPONENTS
+    assert {"post", "regions", "channels", "size", "config", "model", "unet"} <= raw.keys() and raw["regions"] == ["wt"]
+    assert raw["post"]["wt"]["threshold"] in inference.THRESHOLDS
+    assert raw["post"]["wt"]["min_component"] in inference.MIN_COMPONENTS
     assert raw["size"] == 32 and raw["channels"] == [0, 1, 2, 3]
     reference = train.build_model(train.TrainConfig(**raw["config"]))
     reference.load_state_dict(raw["model"])
     reference.eval()
     model, loaded = inference.load_checkpoint(ckpt, torch.device("cpu"))
-    assert not model.training and loaded["threshold"] == raw["threshold"]
+    assert not model.training and loaded["post"] == raw["post"]
     x = torch.randn(3, raw["unet"]["in_channels"], 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
@@ -258,7 +276,8 @@ def test_flips_and_models_average_against_a_float64_reference(tta, n_models):
     predictor = inference.Predictor(models, [0, 1, 2, 3], 1, size, False, torch.device("cpu"),
                                      inference.Speed(None, False, False), batch_size=3, tta=tta)
     got = predictor.probs(images.numpy(), (0, 0, size))
-    assert got.shape == (s, data.RAW_SIZE, data.RAW_SIZE)
+    assert got.shape == (s, 1, data.RAW_SIZE, data.RAW_SIZE)
+    got = got[:, 0]
 
     x = images.double().numpy()
     ramp = np.linspace(-2, 2, size)[None, :]
@@ -281,17 +300,27 @@ def test_flips_and_models_average_against_a_float64_reference(tta, n_models):
 
 
 def test_an_ensemble_takes_the_median_post_processing_of_its_members(ckpt, tmp_path):
-    """Three members with thresholds 0.3, 0.7, 0.5, minimum components 10, 100, 50 and largest-3D on, off, on: the
-    ensemble uses 0.5, 50 and on (the medians and the majority), not its first member's 0.3, 10."""
+    """Three members with thresholds 0.3, 0.7, 0.5, minimum components 10, 100, 50, largest-3D on, off, on and
+    minimum volumes 0, 300, 200: the ensemble uses 0.5, 50, on and 200 (the medians and the majority), not its first
+    member's. The third is a checkpoint written before regions existed (its post-processing at the top level, no
+    minimum volume: 0): it still loads, as a whole-tumour model."""
     raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     paths = []
-    for i, (th, mc, l3) in enumerate(((0.3, 10, True), (0.7, 100, False), (0.5, 50, True))):
+    for i, (th, mc, l3, mv) in enumerate(((0.3, 10, True, 0), (0.7, 100, False, 300))):
         paths.append(tmp_path / f"m{i}.pt")
-        torch.save({**raw, "threshold": th, "min_component": mc, "largest_3d": l3}, paths[-1])
+        torch.save({**raw, "post": {"wt": {"threshold": th, "min_component": mc, "largest_3d": l3, "min_volume": mv}}},
+                   paths[-1])
+    paths.append(tmp_path / "legacy.pt")
+    legacy = {k: v for k, v in raw.items() if k not in ("post", "regions")}
+    torch.save({**legacy, "threshold": 0.5, "min_component": 50, "largest_3d": True}, paths[-1])
     predictor = inference.Predictor.from_checkpoints(paths, torch.device("cpu"))
-    assert predictor.post == {"threshold": 0.5, "min_component": 50, "largest_3d": True}
-    assert inference.Predictor.from_checkpoints(paths[1:2], torch.device("cpu")).post == {
-        "threshold": 0.7, "min_component": 100, "largest_3d": False}
+    assert predictor.post == {"wt": {"threshold": 0.5, "min_component": 50, "largest_3d": True, "min_volume": 0}}
+    assert inference.Predictor.from_checkpoints(paths[1:2], torch.device("cpu")).post == {"wt": {
+        "threshold": 0.7, "min_component": 100, "largest_3d": False, "min_volume": 300}}
+    assert inference.Predictor.from_checkpoints(paths[2:], torch.device("cpu")).regions == ["wt"]
+    torch.save(legacy, tmp_path / "neither.pt")
+    with pytest.raises(data.UserError, match="lacks post or threshold, min_component, largest_3d"):
+        inference.Predictor.from_checkpoints([tmp_path / "neither.pt"], torch.device("cpu"))
 
 
 def test_prediction_runs_the_model_in_eval_mode():
@@ -312,7 +341,7 @@ def test_prediction_runs_the_model_in_eval_mode():
     alone = inference.predict_logits(model, images, context, torch.device("cpu"), 1, fp32)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(together, model.eval()(images.float())[:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together, model.eval()(images.float()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("crop", [False, True])

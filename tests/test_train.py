@@ -22,8 +22,10 @@ TINY = ["--size", "32", "--epochs", "2", "--base", "4", "--depth", "2", "--batch
 RUN_FILES = ("config.json", "split.json", "log.jsonl", "best.pt", "metrics.json", "curves.png", "overlays.png", "failures.png")
 
 
-def check_run(out, epochs_max: int) -> dict:
-    """Every file of a run folder exists and opens; returns metrics.json."""
+def check_run(out, epochs_max: int, regions: tuple[str, ...] = ("wt",)) -> dict:
+    """Every file of a run folder exists and opens (a failure gallery per region); returns metrics.json."""
+    pictures = ("curves.png", "overlays.png", "failures.png", *(f"failures_{r}.png" for r in regions[1:]))
+    assert sorted(p.name for p in out.glob("failures*.png")) == sorted(pictures[2:])
     for name in RUN_FILES:
         assert (out / name).is_file(), name
     assert not list(out.glob(".tmp*"))
@@ -31,17 +33,23 @@ def check_run(out, epochs_max: int) -> dict:
     assert 1 <= len(log) <= epochs_max and [r["epoch"] for r in log] == list(range(1, len(log) + 1))
     for key in ("train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds", "slices_per_s"):
         assert all(np.isfinite(r[key]) for r in log), key
-    for png in ("curves.png", "overlays.png", "failures.png"):
+    for png in pictures:
         assert matplotlib.image.imread(out / png).ndim == 3
     split = json.loads((out / "split.json").read_text())
     assert not (set(split["train"]) & set(split["test"]) or set(split["val"]) & set(split["test"]))
     ckpt = torch.load(out / "best.pt", weights_only=False)
-    assert {"model", "unet", "config", "threshold", "min_component", "channels", "size"} <= set(ckpt)
+    assert {"model", "unet", "config", "post", "regions", "channels", "size"} <= set(ckpt)
+    assert ckpt["regions"] == list(regions) and ckpt["unet"]["out_channels"] == len(regions)
     result = json.loads((out / "metrics.json").read_text())
     test = result["test"]
     assert test["volumes"] == len(split["test"]) == len(test["per_volume"])
     assert 0 <= test["volume_dice"] <= 1 and 0 <= test["volume_iou"] <= test["volume_dice"] + 1e-9
-    assert result["threshold"] in inference.THRESHOLDS and result["min_component"] in inference.MIN_COMPONENTS
+    assert result["post"] == ckpt["post"] and set(result["post"]) == set(regions)
+    for post in result["post"].values():
+        assert post["threshold"] in inference.THRESHOLDS and post["min_component"] in inference.MIN_COMPONENTS
+        assert post["min_volume"] in inference.MIN_VOLUMES
+    for v in test["per_volume"]:
+        assert set(v["regions"]) == set(regions) and v["dice"] == v["regions"]["wt"]["dice"]
     return result
 
 
@@ -49,6 +57,19 @@ def test_synthetic_end_to_end(tmp_path):
     out = tmp_path / "run"
     assert train.cli(["--data", "synthetic:4x10", *TINY, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     check_run(out, 2)
+
+
+def test_regions_end_to_end(tmp_path, capsys):
+    """--target regions: three outputs, every region post-processed, evaluated and pictured; each region's
+    validation Dice logged; the test line per region printed."""
+    out = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:4x10", *TINY, "--target", "regions", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    result = check_run(out, 2, ("wt", "tc", "et"))
+    assert set(result["test"]["regions"]) == {"wt", "tc", "et"}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r[f"val_dice_{k}"]) for r in log for k in ("wt", "tc", "et"))
+    assert "test per region: WT Dice" in capsys.readouterr().out
 
 
 def test_the_dataloader_path_trains_end_to_end(tmp_path, monkeypatch):
@@ -119,10 +140,10 @@ def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocess
     assert sorted(loaded["train"]) == sorted(split["train"] + split["val"]) and len(loaded["train"]) == 5
     assert not set(loaded["train"]) & set(split["test"])
     result = json.loads((out / "metrics.json").read_text())
-    assert (result["threshold"], result["min_component"], result["largest_3d"]) == (0.35, 7, False)
-    assert result["train_on"] == "train+val" and result["val_volume_dice_at_choice"] is None
-    ckpt = torch.load(out / "best.pt", weights_only=False)
-    assert (ckpt["threshold"], ckpt["min_component"], ckpt["largest_3d"]) == (0.35, 7, False)
+    fixed = {"wt": {"threshold": 0.35, "min_component": 7, "largest_3d": False, "min_volume": 0}}
+    assert result["post"] == fixed
+    assert result["train_on"] == "train+val" and result["val_dice_at_choice"] is None
+    assert torch.load(out / "best.pt", weights_only=False)["post"] == fixed
 
 
 def test_train_patients_trains_on_a_subset_drawn_by_the_training_seed(tmp_path, monkeypatch, capsys):
@@ -398,7 +419,10 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--modality-dropout", "-0.1"], "--modality-dropout must be in 0..1 (0: off), got -0.1"),
     (["--modality-dropout", "0.5", "--channel", "3"], "--modality-dropout needs more than one modality"),
     (["--time-budget", "25", "--warmup", "0.5"], "--time-budget needs --warmup of at least 1 epoch"),
-    (["--postprocess", "0.3,50"], "--postprocess must be val or THRESHOLD,MIN_PIXELS,on|off"),
+    (["--postprocess", "0.3,50"], "--postprocess must be val, or THRESHOLD,MIN_PIXELS,on|off[,MIN_VOXELS]"),
+    (["--postprocess", "0.3,0,on/0.5,0,on"], "once per region (wt) joined by '/'"),
+    (["--target", "regions", "--postprocess", "0.3,0,on/0.5,0,on"], "once per region (wt/tc/et) joined by '/'"),
+    (["--postprocess", "0.3,0,on,-5"], "got '0.3,0,on,-5'"),
     (["--postprocess", "1.5,0,on"], "got '1.5,0,on'"),
     (["--postprocess", "0.3,-1,on"], "got '0.3,-1,on'"),
     (["--postprocess", "0.3,0,yes"], "got '0.3,0,yes'"),
@@ -507,3 +531,16 @@ def test_cpu_speed_bench_compile_rows_run_the_compiled_callables(tmp_path, monke
     assert len(rows) == 6 and all(float(r[4]) > 0 and float(r[7]) > 0 for r in rows)
     assert len(wrapped) == 4  # each compiled row: train.py's forward + loss and the evaluation model
     assert sum(isinstance(fn, torch.nn.Module) for fn in wrapped) == 2
+
+
+def test_postprocess_spec_per_region_round_trips():
+    """One spec for every region, or one per region in order; format_postprocess writes what parse reads back."""
+    regions = ["wt", "tc", "et"]
+    same = inference.parse_postprocess("0.4,25,on", regions)
+    assert same == {r: {"threshold": 0.4, "min_component": 25, "largest_3d": True, "min_volume": 0} for r in regions}
+    each = inference.parse_postprocess("0.4,25,on/0.5,10,off/0.6,0,off,200", regions)
+    assert each["et"] == {"threshold": 0.6, "min_component": 0, "largest_3d": False, "min_volume": 200}
+    assert each["tc"] == {"threshold": 0.5, "min_component": 10, "largest_3d": False, "min_volume": 0}
+    assert inference.format_postprocess(each, regions) == "0.4,25,on/0.5,10,off/0.6,0,off,200"
+    assert inference.parse_postprocess(inference.format_postprocess(each, regions), regions) == each
+    assert inference.parse_postprocess("val", regions) is None
