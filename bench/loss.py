@@ -1,12 +1,13 @@
 """Benchmark the fused Triton Dice+BCE loss (forward + backward) against its alternatives.
 
-Compares, on logits of shape (B, 1, H, W) and a uint8 mask (~10% foreground), the loss train.py uses (one Dice
-over the whole batch, BCE the mean over elements):
+Compares, on logits of shape (B, C, H, W) and a uint8 mask (~10% foreground per channel), the loss train.py uses
+(one Dice per channel over the whole batch, their mean over channels; BCE the mean over elements). C = 1 (the binary
+model) by default; --channels 1,3 adds rows for C = 3 (the three BraTS regions as overlapping sigmoid channels):
   triton          fused_dice.dice_bce_loss(backend="triton")
   eager           the plain-PyTorch reference (backend="torch")
   compiled        torch.compile(reference, dynamic=False, fullgraph=True), at --compile-batches only
   monai           MONAI's DiceCELoss(sigmoid=True, batch=True), when monai is importable (a similar,
-                  not identical loss: it is here for speed only)
+                  not identical loss: it is here for speed only); it too averages one Dice per channel
 
 Three times per fwd+bwd call, because they answer different questions:
   call ms    median of single calls, each followed by a synchronize: the latency one call sees
@@ -21,8 +22,8 @@ writes the gradient) over its kernel time, as a % of a 256 MiB device copy timed
 same run. At the end, a verdict for B=256: fused speed-up over the compiled reference (target >= 1.3x)
 and achieved bandwidth (target >= 60% of the copy).
 
-torch.compile: one static (dynamic=False) compile per compiled (B, dtype), by default only at B=256
-(the verdict's batch), 2 compiles. Static shapes give the reference its best kernels (a dynamic batch
+torch.compile: one static (dynamic=False) compile per compiled (B, C, dtype), by default only at B=256
+(the verdict's batch), 2 compiles per C. Static shapes give the reference its best kernels (a dynamic batch
 dim picks reduction splits for the first shape it sees); compiling every (B, dtype) would cost ~8
 cold compiles. --compile-batches all compiles every row.
 
@@ -31,12 +32,14 @@ with the eager reference beyond tolerance (the table is printed first).
 
     python bench/loss.py                      # CUDA: B in {16, 64, 256, 1024}, 240x240, bf16 + fp32
     python bench/loss.py --device cpu         # CPU, Triton in the interpreter, small sizes
+    python bench/loss.py --channels 1,3       # also the 3-region loss, logits (B, 3, H, W)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import math
 import os
 import statistics
@@ -53,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batches", default=None,
                     help="comma-separated batch sizes (default 16,64,256,1024 on cuda, 2,4 on cpu)")
     ap.add_argument("--hw", type=int, default=None, help="image side (default 240 on cuda, 64 on cpu)")
+    ap.add_argument("--channels", default="1",
+                    help="comma-separated channel counts C of the logits (B, C, H, W) (default 1; 3: BraTS regions)")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated logits dtypes")
     ap.add_argument("--target-dtype", default="uint8", choices=["uint8", "bool", "float32"], help="mask dtype")
     ap.add_argument("--repeats", type=int, default=20, help="single calls timed for 'call ms' (default 20)")
@@ -276,6 +281,7 @@ def disagreement(dtype: torch.dtype, got: tuple[float, torch.Tensor], want: tupl
 def main() -> None:
     batches = [int(b) for b in (ARGS.batches or ("16,64,256,1024" if CUDA else "2,4")).split(",")]
     hw = ARGS.hw or (240 if CUDA else 64)
+    channels = [int(c) for c in ARGS.channels.split(",")]
     dtypes = [DTYPES[d] for d in ARGS.dtypes.split(",")]
     tdtype = DTYPES[ARGS.target_dtype]
     if ARGS.compile_batches == "auto":
@@ -292,7 +298,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, triton {triton.__version__}, "
           f"git commit {git_commit(('fused_dice.py', 'bench/loss.py', 'bench/common.py'))}")
     print(f"device {DEVICE}{' (Triton in the CPU interpreter: times say nothing about a GPU)' if not CUDA else ''}, "
-          f"target dtype {ARGS.target_dtype}, shape (B, 1, {hw}, {hw}), "
+          f"target dtype {ARGS.target_dtype}, shape (B, C, {hw}, {hw}), C in {{{', '.join(map(str, channels))}}}, "
           f"{ARGS.repeats} single calls per 'call ms'"
           + ("" if CUDA else f", {torch.get_num_threads()} torch thread(s)"))
     copy_gbs, copy_ms = copy_bandwidth_gbs()
@@ -303,77 +309,77 @@ def main() -> None:
     impls = make_impls()
     NOTES.update(f"{k}: {v}" for k, v in impls.items() if isinstance(v, str))
     failures: list[str] = []
-    results: dict[tuple[int, torch.dtype, str], dict] = {}
-    print("| B | logits | impl | call ms (median) | wall ms (back to back) | kernel ms | peak extra MiB "
+    results: dict[tuple[int, int, torch.dtype, str], dict] = {}
+    print("| B | C | logits | impl | call ms (median) | wall ms (back to back) | kernel ms | peak extra MiB "
           "| GB/s | % of copy | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    for b in batches:
-        shape = (b, 1, hw, hw)
-        for dtype in dtypes:
-            name_dtype = str(dtype).removeprefix("torch.")
-            x = torch.randn(shape, generator=gen, device=DEVICE).mul_(3).to(dtype).requires_grad_()
-            y = (torch.rand(shape, generator=gen, device=DEVICE) < 0.1).to(tdtype)
-            y_float = y.to(dtype) if not isinstance(impls["monai"], str) else None
-            checked = {}  # "eager"/"triton" -> (loss, grad), compared below
-            for name, loss_fn in impls.items():
-                if isinstance(loss_fn, str) or (name == "compiled" and b not in compile_batches):
-                    continue
-                tgt = y_float if name == "monai" else y
-                try:
-                    if name == "compiled":
-                        torch._dynamo.reset()  # one fresh static compile per row: no recompile limit to hit
-                        loss_fn = torch.compile(loss_fn, dynamic=False, fullgraph=True)
-                        t0 = time.perf_counter()
-                        loss_and_grad(loss_fn, x, tgt)
-                        sync(DEVICE)
-                        compile_s = time.perf_counter() - t0
-                        NOTES.add(f"compiled B={b} {name_dtype}: first fwd+bwd (the compile) took {compile_s:.1f} s")
+    for b, c, dtype in itertools.product(batches, channels, dtypes):
+        shape = (b, c, hw, hw)
+        name_dtype = str(dtype).removeprefix("torch.")
+        x = torch.randn(shape, generator=gen, device=DEVICE).mul_(3).to(dtype).requires_grad_()
+        y = (torch.rand(shape, generator=gen, device=DEVICE) < 0.1).to(tdtype)
+        y_float = y.to(dtype) if not isinstance(impls["monai"], str) else None
+        checked = {}  # "eager"/"triton" -> (loss, grad), compared below
+        for name, loss_fn in impls.items():
+            if isinstance(loss_fn, str) or (name == "compiled" and b not in compile_batches):
+                continue
+            tgt = y_float if name == "monai" else y
+            try:
+                if name == "compiled":
+                    torch._dynamo.reset()  # one fresh static compile per row: no recompile limit to hit
+                    loss_fn = torch.compile(loss_fn, dynamic=False, fullgraph=True)
+                    t0 = time.perf_counter()
+                    loss_and_grad(loss_fn, x, tgt)
+                    sync(DEVICE)
+                    compile_s = time.perf_counter() - t0
+                    NOTES.add(f"compiled B={b} C={c} {name_dtype}: first fwd+bwd (the compile) took "
+                              f"{compile_s:.1f} s")
 
-                    def step(loss_fn=loss_fn, tgt=tgt):
-                        loss_fn(x, tgt).backward()
+                def step(loss_fn=loss_fn, tgt=tgt):
+                    loss_fn(x, tgt).backward()
 
-                    out = loss_and_grad(loss_fn, x, tgt)  # also the warm-up (Triton JIT, compile)
-                    loss_val = out[0]
-                    if name in ("eager", "triton"):
-                        checked[name] = out
-                    del out
-                    t_call = call_ms(step, x)
-                    n_wall = max(10, min(200, int(100 / max(t_call, 1e-3)))) if CUDA else ARGS.repeats
-                    t_wall = wall_ms(step, x, n_wall)
-                    if CUDA:
-                        peak = peak_extra_bytes(step, x)
-                        t_kernel, mark = kernel_ms(step, x, t_wall, peak)
-                        kernel, mem = f"{t_kernel:.3f}{mark}", f"{peak / 2**20:.1f}"
-                    else:
-                        t_kernel, kernel, mem = t_wall, "-", "n/a"
-                except Exception as e:  # report, keep measuring the others, exit 1 at the end
-                    reason = f"{name} raised at B={b} {name_dtype}: {type(e).__name__}: {data.first_line(e)[:200]}"
-                    failures.append(reason)
-                    print(f"| {b} | {name_dtype} | {name} | ERROR | | | | | | {reason} |", flush=True)
-                    x.grad = None
-                    continue
-                gbs, pct, share = "-", "-", None
-                if name == "triton" and t_kernel > 0:  # fwd reads x, y; bwd reads x, y and writes grad
-                    moved = x.numel() * (3 * x.element_size() + 2 * y.element_size())
-                    g = moved / (t_kernel * 1e-3) / 1e9
-                    share = 100 * g / copy_gbs
-                    gbs, pct = f"{g:.4g}", f"{share:.3g}%"
-                results[b, dtype, name] = {"kernel": t_kernel, "wall": t_wall, "call": t_call, "pct": share}
-                print(f"| {b} | {name_dtype} | {name} | {t_call:.3f} | {t_wall:.3f} (n={n_wall}) | {kernel} | {mem} "
-                      f"| {gbs} | {pct} | {loss_val:.6f} |", flush=True)
-            # the check: Triton against the eager reference on the same inputs
-            if "triton" in checked and "eager" in checked:
-                why = disagreement(dtype, checked["triton"], checked["eager"])
-                if why:
-                    failures.append(f"triton disagrees with the reference at B={b} {name_dtype}: {why}")
-            del x, y, y_float, checked
-            if CUDA:
-                gc.collect()
-                torch.cuda.empty_cache()
+                out = loss_and_grad(loss_fn, x, tgt)  # also the warm-up (Triton JIT, compile)
+                loss_val = out[0]
+                if name in ("eager", "triton"):
+                    checked[name] = out
+                del out
+                t_call = call_ms(step, x)
+                n_wall = max(10, min(200, int(100 / max(t_call, 1e-3)))) if CUDA else ARGS.repeats
+                t_wall = wall_ms(step, x, n_wall)
+                if CUDA:
+                    peak = peak_extra_bytes(step, x)
+                    t_kernel, mark = kernel_ms(step, x, t_wall, peak)
+                    kernel, mem = f"{t_kernel:.3f}{mark}", f"{peak / 2**20:.1f}"
+                else:
+                    t_kernel, kernel, mem = t_wall, "-", "n/a"
+            except Exception as e:  # report, keep measuring the others, exit 1 at the end
+                reason = f"{name} raised at B={b} C={c} {name_dtype}: {type(e).__name__}: {data.first_line(e)[:200]}"
+                failures.append(reason)
+                print(f"| {b} | {c} | {name_dtype} | {name} | ERROR | | | | | | {reason} |", flush=True)
+                x.grad = None
+                continue
+            gbs, pct, share = "-", "-", None
+            if name == "triton" and t_kernel > 0:  # fwd reads x, y; bwd reads x, y and writes grad
+                moved = x.numel() * (3 * x.element_size() + 2 * y.element_size())
+                g = moved / (t_kernel * 1e-3) / 1e9
+                share = 100 * g / copy_gbs
+                gbs, pct = f"{g:.4g}", f"{share:.3g}%"
+            results[b, c, dtype, name] = {"kernel": t_kernel, "wall": t_wall, "call": t_call, "pct": share}
+            print(f"| {b} | {c} | {name_dtype} | {name} | {t_call:.3f} | {t_wall:.3f} (n={n_wall}) | {kernel} | {mem} "
+                  f"| {gbs} | {pct} | {loss_val:.6f} |", flush=True)
+        # the check: Triton against the eager reference on the same inputs
+        if "triton" in checked and "eager" in checked:
+            why = disagreement(dtype, checked["triton"], checked["eager"])
+            if why:
+                failures.append(f"triton disagrees with the reference at B={b} C={c} {name_dtype}: {why}")
+        del x, y, y_float, checked
+        if CUDA:
+            gc.collect()
+            torch.cuda.empty_cache()
 
     print()
-    verdict(dtypes, hw, copy_gbs, results)
+    verdict(channels, dtypes, hw, copy_gbs, results)
     for note in sorted(NOTES):
         print(f"- {note}")
     if failures:
@@ -383,17 +389,17 @@ def main() -> None:
         sys.exit(1)
 
 
-def verdict(dtypes, hw: int, copy_gbs: float, results: dict) -> None:
-    """The two targets at B=256: fused vs compiled reference (>= 1.3x), bandwidth (>= 60% of copy)."""
-    if not any(b == VERDICT_B for b, _, _ in results):
+def verdict(channels, dtypes, hw: int, copy_gbs: float, results: dict) -> None:
+    """The two targets at B=256, per C: fused vs compiled reference (>= 1.3x), bandwidth (>= 60% of copy)."""
+    if not any(b == VERDICT_B for b, _, _, _ in results):
         print(f"verdict: B={VERDICT_B} was not measured in this run; the targets are for a CUDA run at "
-              f"(256, 1, 240, 240)")
+              f"(256, C, 240, 240)")
         return
     time_kind = "kernel" if CUDA else "wall"
-    for dtype in dtypes:
-        name_dtype = str(dtype).removeprefix("torch.")
-        tri = results.get((VERDICT_B, dtype, "triton"))
-        comp = results.get((VERDICT_B, dtype, "compiled"))
+    for c, dtype in itertools.product(channels, dtypes):
+        name_dtype = f"C={c} {str(dtype).removeprefix('torch.')}"
+        tri = results.get((VERDICT_B, c, dtype, "triton"))
+        comp = results.get((VERDICT_B, c, dtype, "compiled"))
         if tri is None:
             print(f"verdict B={VERDICT_B} {name_dtype}: no Triton measurement")
             continue

@@ -1,11 +1,14 @@
 """Tests for fused_dice: the Triton path against the float64 reference.
 
+The loss has one Dice per channel (dim 1) over the whole batch, averaged over the channels: C = 1 (the binary
+model's (N, 1, H, W)), C = 3 (the BraTS regions) and an odd C = 5 are checked, in NCHW and channels_last.
+
 Where the kernels run depends on TRITON_INTERPRET, read once when fused_dice is imported
 (tests/conftest.py sets it to 1 unless it is already set):
   TRITON_INTERPRET=1 (default): the `device` fixture gives "cpu" and the kernels run in Triton's CPU
       interpreter on tiny tensors; the realistic-size tests are skipped.
   TRITON_INTERPRET=0 on a CUDA machine: the same tests run on "cuda" tensors with compiled kernels,
-      plus the realistic-size tests (logits (64, 1, 240, 240), default launch sizes):
+      plus the realistic-size tests (logits (64, 1, 240, 240) and 3- and 4-channel ones, default launch sizes):
           TRITON_INTERPRET=0 python -m pytest -q tests/test_fused_dice.py
   TRITON_INTERPRET=0 without CUDA: every test that needs the Triton path is skipped, saying why.
 In every case test_kernels_compile_for_hopper compiles each kernel for sm_90 in a child process with
@@ -28,6 +31,7 @@ import fused_dice as fd
 pytestmark = pytest.mark.skipif(not fd.HAS_TRITON, reason="triton is not installed")
 
 SHAPE = (2, 1, 17, 19)  # 323 elements per sample: not a multiple of any block size below
+SHAPE3 = (3, 3, 9, 11)  # 3 channels (the BraTS regions) of 9 x 11: odd sizes, 297 elements per sample
 REAL = (64, 1, 240, 240)  # a training batch of train.py's model output at full BraTS size
 
 # the module's launch sizes as shipped, captured before any fixture changes them
@@ -97,6 +101,8 @@ def check(logits, target, rtol=1e-5, atol=1e-7, grad_rtol=1e-4, **kw):
     want_loss, want_grad = ref(logits, target, **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    if fd._sample_major_order(logits) is not None:  # dense logits: the gradient comes back in their layout
+        assert same_layout(grad, logits)
     torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=1e-6)
     scale = want_grad.abs().max().item()
     torch.testing.assert_close(grad.double(), want_grad, rtol=grad_rtol, atol=atol + grad_rtol * scale)
@@ -111,6 +117,21 @@ def randn(*shape, seed=0, scale=2.0, device="cpu"):
 def mask(*shape, seed=1, p=0.3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(*shape, generator=g) < p).float().to(device)
+
+
+def regions(*shape, seed=1, device="cpu"):
+    """A mask of shape (N, C, ...) whose channels differ: channel 0 empty, the others ~10% to ~70% foreground
+    (one channel: ~30%)."""
+    c = shape[1]
+    p = torch.tensor([0.0] + [0.1 + 0.6 * k / max(c - 2, 1) for k in range(c - 1)] if c > 1 else [0.3])
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(*shape, generator=g)
+    return (u < p.view(1, c, *[1] * (len(shape) - 2))).float().to(device)
+
+
+def layout(t, name):
+    """`t` in the named memory layout (same values)."""
+    return t.contiguous(memory_format=torch.channels_last) if name == "channels_last" else t.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +154,39 @@ def test_exact_hand_value(backend, device):
 # against the float64 reference
 
 
-@pytest.mark.parametrize("shape", [SHAPE, (1, 1, 17, 19), (5, 2, 3, 7), (6,)])
+@pytest.mark.parametrize("shape", [SHAPE, (1, 1, 17, 19), (5, 2, 3, 7), (6,), (4, 3)])
 def test_matches_reference(shape, device):
-    # (5, 2, 3, 7): more samples than REDUCE_N; (6,): one element per sample
+    # (5, 2, 3, 7): more samples than REDUCE_N, two channels; (6,): one element per sample, one channel;
+    # (4, 3): three channels of one element each
     check(randn(*shape, device=device), mask(*shape, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("c", [1, 3, 5])
+def test_channels_match_reference(c, memory, dtype, device):
+    # channels_last puts the channel innermost (S_C = 1), NCHW outermost in a sample (S_C = 35); the target stays
+    # contiguous. With small_blocks, a program owns 64 elements (C = 3: 8 lanes x 8 steps; C = 5: 4 lanes x 16
+    # steps): blocks cross channel boundaries (NCHW) and every step holds several channels (channels_last).
+    shape = (2, c, 7, 5)
+    logits = layout(randn(*shape, device=device).to(dtype), memory)
+    check(logits, regions(*shape, device=device), grad_rtol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("tdtype", fd.TARGET_DTYPES)
+def test_channels_target_dtypes(tdtype, device):
+    shape = (2, 3, 7, 5)
+    logits = layout(randn(*shape, device=device), "channels_last")
+    check(logits, regions(*shape, device=device).to(tdtype))
+
+
+def test_most_channels_and_too_many(device):
+    shape = (1, fd.MAX_CHANNELS, 3, 1)
+    check(randn(*shape, device=device), regions(*shape, device=device))
+    shape = (2, fd.MAX_CHANNELS + 1, 3)
+    with pytest.raises(ValueError, match=rf"^logits: backend='triton' supports at most {fd.MAX_CHANNELS} channels"):
+        fd.dice_bce_loss(torch.zeros(shape, device=device), torch.zeros(shape, device=device), backend="triton")
+    assert torch.isfinite(fd.dice_bce_loss(torch.zeros(shape), torch.zeros(shape), backend="torch"))  # no limit there
 
 
 def test_term_weights_smooth_and_soft_targets(device):
@@ -172,7 +222,7 @@ def test_half_precision_logits(dtype, device):
 
 
 @pytest.mark.parametrize("tdtype", [torch.bool, torch.uint8, torch.float16])
-def test_target_dtypes(tdtype, device):
+def test_target_dtypes(tdtype, device):  # C = 1; C = 3 in test_channels_target_dtypes
     target = mask(*SHAPE, device=device).to(tdtype)
     check(randn(*SHAPE, device=device), target)
     loss_a, grad_a = run(randn(*SHAPE, device=device), target)
@@ -188,9 +238,9 @@ def test_grad_output_scaling(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# N > 1: one Dice over the whole batch, on independent float64 values. The checks above compare with
-# the reference, so a mistake made in both the reference and the kernels (e.g. a Dice per sample, then
-# the mean) would pass them; these would not.
+# N > 1, C > 1: one Dice per channel over the whole batch, then their mean, on independent float64 values.
+# The checks above compare with the reference, so a mistake made in both the reference and the kernels
+# (e.g. a Dice per sample, then the mean; or one Dice over all channels) would pass them; these would not.
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -208,16 +258,40 @@ def test_two_samples_exact(backend, device):
     torch.testing.assert_close(grad[1], torch.full_like(grad[1], -39 / 200))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_three_channels_exact(backend, device):
+    # logits 0 -> p = 1/2 everywhere; 2 samples x 3 channels x 1 pixel, numel = 6, BCE = ln 2. Targets
+    # (sample 0, sample 1): channel 0 (1, 1), channel 1 (0, 0) (empty), channel 2 (1, 0). Per channel, over
+    # the batch, with S = P + Y + 1:
+    #   c0: I = 1,   P = 1, Y = 2, S = 4 -> Dice (2 + 1) / 4 = 3/4
+    #   c1: I = 0,   P = 1, Y = 0, S = 2 -> Dice (0 + 1) / 2 = 1/2
+    #   c2: I = 1/2, P = 1, Y = 1, S = 3 -> Dice (1 + 1) / 3 = 2/3
+    # mean 23/36, loss ln 2 + 13/36 (one Dice over all channels would give ln 2 + 3/7, one per sample ln 2 + 0.381).
+    # dL/dx = (p - y)/6 - (1/3) dD_c/dp * p(1 - p), dD_c/dp = (2y S - (2I + 1)) / S^2, p(1 - p) = 1/4:
+    #   c0, y=1: -1/12 - (1/3)(5/16)(1/4) = -7/64      c1, y=0: 1/12 + (1/3)(1/4)(1/4) = 5/48
+    #   c2, y=1: -1/12 - (1/3)(4/9)(1/4) = -13/108     c2, y=0: 1/12 + (1/3)(2/9)(1/4) = 11/108
+    logits = torch.zeros(2, 3, 1, 1, device=device)
+    target = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]], device=device).reshape(2, 3, 1, 1)
+    loss, grad = run(logits, target, backend=backend)
+    assert loss.item() == pytest.approx(math.log(2) + 13 / 36, rel=1e-6)
+    want = torch.tensor([[-7 / 64, 5 / 48, -13 / 108], [-7 / 64, 5 / 48, 11 / 108]], device=device)
+    torch.testing.assert_close(grad, want.reshape(2, 3, 1, 1))
+
+
 def dice_bce_float64(x: np.ndarray, y: np.ndarray, smooth: float = 1.0, bce_weight: float = 1.0,
                      dice_weight: float = 1.0) -> float:
     """Dice+BCE from the textbook formulas in float64 numpy: BCE = -mean(y log p + (1 - y) log(1 - p)),
-    one Dice over all N * M elements."""
+    one Dice per channel (axis 1; a 1-D x is one channel) over all N * M / C elements of that channel, then
+    the mean of the C Dice."""
     x = x.astype(np.float64)
     y = y.astype(np.float64)
     p = 1.0 / (1.0 + np.exp(-x))
     bce = -np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p))
-    dice = (2.0 * (p * y).sum() + smooth) / (p.sum() + y.sum() + smooth)
-    return float(bce_weight * bce + dice_weight * (1.0 - dice))
+    c = x.shape[1] if x.ndim > 1 else 1
+    pc = np.moveaxis(p.reshape(x.shape[0], c, -1), 1, 0).reshape(c, -1)  # (C, N * spatial)
+    yc = np.moveaxis(y.reshape(x.shape[0], c, -1), 1, 0).reshape(c, -1)
+    dice = [(2.0 * (pc[k] * yc[k]).sum() + smooth) / (pc[k].sum() + yc[k].sum() + smooth) for k in range(c)]
+    return float(bce_weight * bce + dice_weight * (1.0 - sum(dice) / c))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -274,12 +348,43 @@ def test_against_float64_formula(backend, device):
     torch.testing.assert_close(grad.cpu().double(), want, rtol=1e-4, atol=1e-4 * scale)
 
 
+def uneven_channels(device="cpu"):
+    """Two samples of 3 channels x 4 x 5: an empty target in channel 0, 2 and 29 foreground pixels of 40 in
+    channels 1 and 2, with logits that mostly agree with the mask."""
+    target = regions(2, 3, 4, 5, seed=7)
+    g = torch.Generator().manual_seed(8)
+    logits = 2.5 * (2 * target - 1) + 1.5 * torch.randn(2, 3, 4, 5, generator=g)
+    return logits.to(device), target.to(device)
+
+
+@pytest.mark.parametrize("backend, memory", [("triton", "contiguous"), ("triton", "channels_last"),
+                                             ("torch", "contiguous")])
+def test_channels_against_float64_formula(backend, memory, device):
+    logits, target = uneven_channels(device)
+    x, y = logits.cpu().numpy(), target.cpu().numpy()
+    assert [int(v) for v in y.sum((0, 2, 3))] == [0, 2, 29]
+    # the inputs tell the mean of per-channel Dice from one Dice over all channels and from the mean of
+    # per-sample Dice by far more than any tolerance below
+    p = 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+    per_channel = np.mean((2.0 * (p * y).sum((0, 2, 3)) + 1.0) / (p.sum((0, 2, 3)) + y.sum((0, 2, 3)) + 1.0))
+    one = (2.0 * (p * y).sum() + 1.0) / (p.sum() + y.sum() + 1.0)
+    per_sample = np.mean((2.0 * (p * y).sum((1, 2, 3)) + 1.0) / (p.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1.0))
+    assert abs(per_channel - one) > 0.1 and abs(per_channel - per_sample) > 0.1
+    args = {"smooth": 0.5, "bce_weight": 0.3, "dice_weight": 1.7}
+    loss, grad = run(layout(logits, memory), target, backend=backend, **args)
+    assert loss.item() == pytest.approx(dice_bce_float64(x, y, **args), rel=1e-5)
+    want = torch.from_numpy(finite_difference_grad(lambda v: dice_bce_float64(v, y, **args), x))
+    scale = want.abs().max().item()
+    torch.testing.assert_close(grad.cpu().double().contiguous(), want, rtol=1e-4, atol=1e-4 * scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # determinism, layout, saved memory
 
 
-def test_deterministic(device):
-    logits, target = randn(5, 2, 3, 7, device=device), mask(5, 2, 3, 7, device=device)
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+def test_deterministic(memory, device):
+    logits, target = layout(randn(5, 3, 3, 7, device=device), memory), regions(5, 3, 3, 7, device=device)
     loss_a, grad_a = run(logits, target)
     loss_b, grad_b = run(logits, target)
     assert torch.equal(loss_a, loss_b)
@@ -311,8 +416,9 @@ def test_non_dense_logits(device):
     check(logits, mask(2, 1, 17, 20, device=device))
 
 
-def test_saves_only_inputs_and_small_stats(device):
-    shape = (3, 1, 5, 7)
+@pytest.mark.parametrize("c", [1, 3])
+def test_saves_only_inputs_and_small_stats(c, device):
+    shape = (3, c, 5, 7)
     saved = []
 
     def pack(t):
@@ -322,7 +428,7 @@ def test_saves_only_inputs_and_small_stats(device):
     x = randn(*shape, device=device).requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fd.dice_bce_loss(x, mask(*shape, device=device), backend="triton")
-    assert sorted(saved) == sorted([shape, shape, (4,)])
+    assert sorted(saved) == sorted([shape, shape, (4, c)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,30 +439,34 @@ def test_opcheck(device):
     x = randn(*SHAPE, device=device).requires_grad_()
     y = mask(*SHAPE, device=device)
     torch.library.opcheck(fd._dice_bce_fwd, (x, y, 1.0, 1.0, 1.0))
-    # channels_last logits (the fake must give the gradient the real one's strides), a bool target, other scalars
+    # C = 3 (stats (4, 3)), channels_last logits (the fake must give the gradient the real one's strides), a bool
+    # target, other scalars
     shape = (2, 3, 5, 7)
     x = randn(*shape, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(fd._dice_bce_fwd, (x, mask(*shape, device=device).bool(), 1e-3, 0.25, 2.0))
 
 
-def test_no_graph_break(device):
+@pytest.mark.parametrize("shape, memory", [(SHAPE, "contiguous"), (SHAPE3, "channels_last")], ids=["C1", "C3"])
+def test_no_graph_break(shape, memory, device):
     def fn(x, y):
         return fd.dice_bce_loss(x, y, backend="triton")
 
-    explained = torch._dynamo.explain(fn)(randn(*SHAPE, device=device), mask(*SHAPE, device=device))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(layout(randn(*shape, device=device), memory), regions(*shape, device=device))
     assert explained.graph_break_count == 0
     assert explained.graph_count == 1
 
 
-def test_compiled_training_step_fullgraph(device, monkeypatch):
+@pytest.mark.parametrize("shape", [SHAPE, SHAPE3], ids=["C1", "C3"])
+def test_compiled_training_step_fullgraph(shape, device, monkeypatch):
     # Inductor on CPU: the loss stays one extern op (fake impls trace it, the interpreter runs it),
     # and AOTAutograd puts the backward op in the compiled backward graph. On CUDA the same with
     # compiled kernels; cuDNN's TF32 convolutions are switched off so eager and compiled convs agree.
     if device == "cuda":
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch._dynamo.reset()
-    conv = torch.nn.Conv2d(1, 1, 3, padding=1).to(device)
-    x, y = randn(*SHAPE, device=device), mask(*SHAPE, device=device).bool()
+    conv = torch.nn.Conv2d(shape[1], shape[1], 3, padding=1).to(device)
+    x, y = randn(*shape, device=device), regions(*shape, device=device).bool()
 
     def step(x, y):
         return fd.dice_bce_loss(conv(x), y, backend="triton")
@@ -514,25 +624,28 @@ def ptxas_path():
 
 def hopper_cases(launch):
     """Every kernel specialisation the public API can launch: logits dtype x target dtype (bool is
-    viewed as uint8), at train.py's launch (64 samples of 240 x 240) with the shipped launch sizes;
-    plus one 64 x 64 sample, where N = NB = 1 become constexprs."""
-    blocks = {"BLOCK": launch["BLOCK"], "ITERS": launch["ITERS"]}
+    viewed as uint8), at train.py's launch (64 samples of 1 x 240 x 240) with the shipped launch sizes;
+    3 channels (the BraTS regions, C padded to 4) as NCHW (S_C = 240 * 240) and as channels_last (S_C = 1);
+    plus one 64 x 64 sample, where N = NB = 1 become constexprs. Launch sizes come from fd._launch, as in the API."""
+    assert {k: getattr(fd, k) for k in launch} == launch
     reduce_tiles = {"RN": launch["REDUCE_N"], "RB": launch["REDUCE_B"]}
     scalars = {"inv_n_total": 1e-6, "smooth": 1.0, "bce_weight": 1.0, "dice_weight": 1.0}
     target_dtypes = sorted({torch.uint8 if d == torch.bool else d for d in fd.TARGET_DTYPES}, key=str)
 
-    def kernels(tag, n, m, x, y):
-        nb = -(-m // (launch["BLOCK"] * launch["ITERS"]))
+    def kernels(tag, n, m, x, y, c=1, s_c=1):
+        cp, vec, steps, nb = fd._launch(c, m)
+        blocks = {"VEC": vec, "STEPS": steps, "CP": cp}
         yield {"name": f"fwd {tag}", "kernel": "_dice_bce_fwd_kernel", "constexprs": blocks,
-               "args": {"x_ptr": x, "y_ptr": y, "part_ptr": "*fp32", "N": n, "M": m, "NB": nb}}
+               "args": {"x_ptr": x, "y_ptr": y, "part_ptr": "*fp32", "N": n, "M": m, "NB": nb, "C": c, "S_C": s_c}}
         yield {"name": f"bwd {tag}", "kernel": "_dice_bce_bwd_kernel", "constexprs": blocks,
                "args": {"x_ptr": x, "y_ptr": y, "g_ptr": x, "stats_ptr": "*fp32", "go_ptr": "*fp32", "M": m,
-                        **scalars}}
+                        "C": c, "S_C": s_c, **scalars}}
 
-    def reduces(tag, n, m):
-        nb = -(-m // (launch["BLOCK"] * launch["ITERS"]))
+    def reduces(tag, n, m, c=1):
+        nb = fd._launch(c, m)[3]
         yield {"name": f"reduce {tag}", "kernel": "_dice_bce_reduce_kernel", "constexprs": reduce_tiles,
-               "args": {"part_ptr": "*fp32", "stats_ptr": "*fp32", "loss_ptr": "*fp32", "N": n, "NB": nb, **scalars}}
+               "args": {"part_ptr": "*fp32", "stats_ptr": "*fp32", "loss_ptr": "*fp32", "N": n, "NB": nb, "C": c,
+                        **scalars}}
 
     n, m = REAL[0], math.prod(REAL[1:])
     for xd in fd.LOGITS_DTYPES:
@@ -540,6 +653,9 @@ def hopper_cases(launch):
             x, y = "*" + TL_TYPES[xd], "*" + TL_TYPES[yd]
             yield from kernels(f"x={TL_TYPES[xd]} y={TL_TYPES[yd]}", n, m, x, y)
     yield from reduces("N=64", n, m)
+    for layout, s_c in (("NCHW", 240 * 240), ("channels_last", 1)):
+        yield from kernels(f"x=bf16 y=u8 C=3 {layout}", n, 3 * m, "*bf16", "*u8", c=3, s_c=s_c)
+    yield from reduces("N=64 C=3", n, 3 * m, c=3)
     yield from kernels("x=fp32 y=u8 N=1", 1, 64 * 64, "*fp32", "*u8")
     yield from reduces("N=1", 1, 64 * 64)
 
@@ -548,8 +664,8 @@ def test_kernels_compile_for_hopper(default_blocks, tmp_path):
     if ptxas_path() is None:
         pytest.skip("no ptxas: neither TRITON_PTXAS_PATH nor triton/backends/nvidia/bin/ptxas exists")
     cases = list(hopper_cases(default_blocks))
-    # (fwd + bwd) per dtype pair, 1 reduce, 3 with N = 1
-    assert len(cases) == 3 * 5 * 2 + 1 + 3
+    # (fwd + bwd) per dtype pair, 1 reduce, (fwd + bwd) x 2 layouts + 1 reduce at C = 3, 3 with N = 1
+    assert len(cases) == 3 * 5 * 2 + 1 + 5 + 3
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="",  # compile only: no GPU used
                TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),  # fresh: every kernel really compiles
@@ -600,11 +716,12 @@ def test_cuda_realistic_deterministic(cuda, default_blocks, dtype):
     assert torch.equal(grad_a, grad_b)
 
 
-@pytest.mark.parametrize("shape", [REAL, (16, 4, 240, 240)], ids=["C1", "C4"])
+@pytest.mark.parametrize("shape", [REAL, (32, 3, 240, 240), (16, 4, 240, 240)], ids=["C1", "C3", "C4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_realistic_channels_last(cuda, default_blocks, shape, dtype):
-    # C1: train.py's model output in channels_last (same bytes as contiguous); C4: a layout that
-    # really differs, so the kernels walk a permuted order and the target (contiguous) is copied.
+    # C1: train.py's model output in channels_last (same bytes as contiguous); C3 (the BraTS regions), C4: a
+    # layout that really differs, so the kernels walk a permuted order (channel innermost, one Dice per channel)
+    # and the target (contiguous) is copied.
     logits, target = real_inputs(dtype, shape)
     logits = logits.contiguous(memory_format=torch.channels_last)
     x = logits.clone().requires_grad_()
@@ -682,17 +799,19 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
 
 def test_bench_loss_runs_and_agrees():
     """bench/loss.py on the CPU at a tiny size: it exits 0 (it exits 1 when Triton disagrees with the eager
-    reference), prints a triton and an eager row per logits dtype, and their losses agree."""
+    reference), prints a triton and an eager row per channel count and logits dtype, and their losses agree."""
     if not fd.TRITON_INTERPRET:  # the GPU run (bench/gpu.sh step f) keeps its time for the compiled kernels
         pytest.skip("with TRITON_INTERPRET=0 bench/gpu.sh runs bench/loss.py itself (step c)")
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "loss.py"),
-           "--device", "cpu", "--batches", "2", "--hw", "12", "--repeats", "1", "--no-compile"]
+           "--device", "cpu", "--batches", "2", "--hw", "12", "--channels", "1,3", "--repeats", "1", "--no-compile"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines() if line.startswith("| 2 |")]
-    losses = {(r[0].strip(), r[1].strip(), r[2].strip()): float(r[-1]) for r in rows}
-    losses = {k: v for k, v in losses.items() if k[2] != "monai"}  # an optional, similar-not-equal loss: no verdict
-    assert set(losses) == {("2", dt, impl) for dt in ("bfloat16", "float32") for impl in ("triton", "eager")}
-    for (b, dt, impl), loss in losses.items():
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith("| 2 |")]
+    losses = {tuple(r[:4]): float(r[-1]) for r in rows}
+    losses = {k: v for k, v in losses.items() if k[3] != "monai"}  # an optional, similar-not-equal loss: no verdict
+    assert set(losses) == {("2", c, dt, impl) for c in ("1", "3") for dt in ("bfloat16", "float32")
+                           for impl in ("triton", "eager")}
+    for (b, c, dt, impl), loss in losses.items():
         assert 1.0 < loss < 3.5  # ~1.4 (BCE of logits 3 N(0, 1)) + ~0.8 (1 - Dice of a 10% mask): the loss, not a time
-        assert loss == pytest.approx(losses[b, dt, "eager"], rel=1e-5)
+        assert loss == pytest.approx(losses[b, c, dt, "eager"], rel=1e-5)
