@@ -230,6 +230,8 @@ def run_figures(out: Path, cache: data.Cache, log: list[dict], records: list[dic
     worst whole-tumour slices) and, with several regions, failures_<region>.png for the others, from train.py's log
     and its test evaluation (per-slice records and post-processed masks (S, R, 240, 240))."""
     plot_curves(log, out / "curves.png", kept_epoch)
+    if not records:  # --train-on all: no test patient to picture
+        return
     if len(regions) > 1:
         plot_label_pairs(figure_items(pick_overview(records), cache, masks, regions), out / "overlays.png",
                          "Test patients: label (left) and prediction (right)")

@@ -65,8 +65,9 @@ class TrainConfig:
     folds: int = option(0, "K-fold cross-validation by patient: fold --fold is the test set, the next fold the "
                            "validation set; 0: one seeded 70/15/15 split")
     fold: int = option(0, "the test fold (0..K-1) with --folds K")
-    train_on: str = option("train", "train+val: a final model, once the epochs and a fixed --postprocess are chosen",
-                           ("train", "train+val"))
+    train_on: str = option("train", "train+val: also the validation patients; all: every patient, the release model, "
+                                    "tested by nobody (the cross-validation is its estimate); both once the epochs and "
+                                    "a fixed --postprocess are chosen", ("train", "train+val", "all"))
     train_patients: int = option(0, "train on this many of those patients, drawn by the training seed (a learning "
                                     "curve); 0: all")
     target: str = option("wt", "wt: the whole tumour (labels 1, 2, 4); regions: also the tumour core (1, 4) and the "
@@ -194,8 +195,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise data.UserError(f"--time-budget needs --warmup of at least 1 epoch (got {cfg.warmup}): the epochs are "
                              f"decided after the first one, whose learning rates must not depend on them")
     fixed_post = inference.parse_postprocess(cfg.postprocess, data.TARGETS[cfg.target])
-    if cfg.train_on == "train+val" and not (cfg.select == "last" and cfg.patience == 0 and fixed_post):
-        raise data.UserError("--train-on train+val trains on the validation patients, so nothing can be chosen on "
+    if cfg.train_on != "train" and not (cfg.select == "last" and cfg.patience == 0 and fixed_post):
+        raise data.UserError(f"--train-on {cfg.train_on} trains on the validation patients, so nothing can be chosen on "
                              "them: it needs --select last --patience 0 and a fixed --postprocess (e.g. 0.3,50,on)")
 
 
@@ -293,7 +294,10 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, feed.TrainB
     cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir, cfg.crop == "on")
     split = data.split_volumes(cache.volume_ids, cfg.seed, cfg.folds, cfg.fold)
     channels = channel_list(cfg.channel)
-    trained_on = split["train"] + (split["val"] if cfg.train_on == "train+val" else [])
+    trained_on = split["train"] + (split["val"] if cfg.train_on != "train" else []) + \
+        (split["test"] if cfg.train_on == "all" else [])
+    if cfg.train_on == "all":
+        split = {**split, "trained_on": sorted(trained_on)}
     if cfg.train_patients:
         if cfg.train_patients > len(trained_on):
             raise data.UserError(f"--train-patients {cfg.train_patients}: the split has only {len(trained_on)} "
@@ -325,9 +329,9 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, feed.TrainB
               f"{[data.CHANNELS[c] for c in channels]}, context ±{cfg.context}, crop {cfg.crop}")
         if cfg.train_patients:
             print(f"training on {len(trained_on)} of the patients: {', '.join(trained_on)} ({n_train} slices)")
-        if cfg.train_on == "train+val":
-            print(f"training on train + val: {len(trained_on)} volumes ({n_train} slices); the validation curve is "
-                  f"of patients trained on")
+        if cfg.train_on != "train":
+            print(f"training on {'train + val' if cfg.train_on == 'train+val' else 'every patient'}: "
+                  f"{len(trained_on)} volumes ({n_train} slices); the validation curve is of patients trained on")
     return cache, split, batches, val_set
 
 
@@ -637,7 +641,8 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
          epochs: int) -> tuple[list[dict], dict, int]:
     """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
     then evaluate the test patients once; writes metrics.json. Returns the per-slice rows and masks of the test
-    patients and the epoch of the model tested, for the figures."""
+    patients and the epoch of the model tested, for the figures. With --train-on all there is no test patient:
+    metrics.json says so ("test": null) and the figures are the curves alone."""
     regions = list(data.TARGETS[cfg.target])
     predictor = inference.Predictor.from_checkpoints([run.out / "best.pt"], run.device, 2 * cfg.batch_size,
                                                      speed=dataclasses.replace(run.speed, compile=False))
@@ -648,9 +653,18 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
             inference.volume_probs(predictor, cache, split["val"]), val_labels, regions)
     ckpt = torch.load(run.out / "best.pt", map_location="cpu", weights_only=True)
     inference.save_checkpoint({**ckpt, "post": post}, run.out / "best.pt")
+    kept = ckpt["epoch"]
+    if cfg.train_on == "all":
+        result = {"test": None, "regions": regions, "post": post, "train_on": cfg.train_on, "best_epoch": kept,
+                  "epochs_run": len(log), "epochs": epochs, "data": cfg.data, "trained_on": len(split["trained_on"])}
+        with data.atomic_path(run.out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+        print(f"trained on all {len(split['trained_on'])} patients (model of epoch {kept}, --postprocess "
+              f"{inference.format_postprocess(post, regions)}): no unseen patient to test; the cross-validation of the "
+              f"same command is this model's estimate")
+        return [], {}, kept
     summary, records, masks = inference.evaluate(inference.volume_probs(predictor, cache, split["test"]), cache, post,
                                                  regions)
-    kept = ckpt["epoch"]
     result = {"test": summary, "regions": regions, "post": post, "val_dice_at_choice": val_best, "train_on": cfg.train_on,
               "best_epoch": kept, "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget,
               "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)], "size": cfg.size,
@@ -695,9 +709,7 @@ def main(cfg: TrainConfig) -> None:
         raise data.UserError(f"training finished but the test phase failed ({type(e).__name__}: "
                              f"{data.first_line(e)}); best.pt and last.pt in {run.out} are intact: "
                              f"rerun the test with `python train.py --resume {run.out}`") from e
-    extra = "".join(f" failures_{r}.png" for r in data.TARGETS[cfg.target][1:])
-    print(f"wrote {run.out}/: config.json split.json log.jsonl best.pt last.pt metrics.json curves.png overlays.png "
-          f"failures.png{extra}")
+    print(f"wrote {run.out}/: {' '.join(name for name in RUN_FILES if (run.out / name).exists())}")
 
 
 def cli(argv: list[str] | None = None) -> int:

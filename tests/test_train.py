@@ -146,6 +146,29 @@ def test_train_plus_val_trains_on_validation_patients_with_the_fixed_postprocess
     assert torch.load(out / "best.pt", weights_only=False)["post"] == fixed
 
 
+def test_train_on_all_trains_on_every_patient_and_tests_none(tmp_path, monkeypatch, capsys):
+    """--train-on all (the release model): the batches hold all 6 patients, test ones included; metrics.json says
+    there was no test and keeps the fixed post-processing, which best.pt carries; no test figure is drawn; it needs a
+    fixed --postprocess like train+val."""
+    loaded = record_trained_volumes(monkeypatch)
+    out = tmp_path / "run"
+    assert train.cli(["--data", "synthetic:6x4", *TINY, "--epochs", "1", "--train-on", "all", "--select", "last",
+                      "--patience", "0", "--postprocess", "0.35,7,off", "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c")]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert sorted(loaded["train"]) == sorted(split["train"] + split["val"] + split["test"]) == split["trained_on"]
+    assert len(loaded["train"]) == 6
+    result = json.loads((out / "metrics.json").read_text())
+    fixed = {"wt": {"threshold": 0.35, "min_component": 7, "largest_3d": False, "min_volume": 0}}
+    assert result["test"] is None and result["post"] == fixed and result["trained_on"] == 6
+    assert torch.load(out / "best.pt", weights_only=False)["post"] == fixed
+    assert (out / "curves.png").is_file() and not (out / "overlays.png").exists() and not (out / "failures.png").exists()
+    assert "trained on all 6 patients" in capsys.readouterr().out
+    assert train.cli(["--data", "synthetic:6x4", *TINY, "--train-on", "all", "--out", str(tmp_path / "no"),
+                      "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "--train-on all trains on the validation patients" in capsys.readouterr().err
+
+
 def test_train_patients_trains_on_a_subset_drawn_by_the_training_seed(tmp_path, monkeypatch, capsys):
     """--train-patients 2: the batches hold 2 of the 5 training patients, the ones split.json names as trained on;
     the same training seed draws the same 2, other training seeds other pairs; the split itself does not move."""
