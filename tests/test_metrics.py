@@ -149,3 +149,21 @@ def test_hd95_takes_both_directions_on_nested_shapes(spacing):
     assert outward > inward + 0.5  # the input tells a one-directional distance apart
     assert metrics.hd95(small, big, spacing) == pytest.approx(outward)
     assert metrics.hd95(big, small, spacing) == pytest.approx(outward)
+
+
+def test_region_scores_follow_the_brats_conventions_for_an_empty_region():
+    """A 2 x 3 x 4 volume at 2 x 1 x 1 mm (diagonal sqrt(16 + 9 + 16) mm). Absent in both: Dice = IoU = 1, HD95 0.
+    Absent from the label only, or from the prediction only: 0, 0 and the diagonal. Present in both: 2 voxels
+    predicted, 1 of them the 1-voxel label: Dice 2/3, IoU 1/2, HD95 the 95th percentile of the distances 0 and 1
+    mm (numpy's linear interpolation: 0.95)."""
+    shape, spacing = (2, 3, 4), (2.0, 1.0, 1.0)
+    empty, one, two = np.zeros(shape, bool), np.zeros(shape, bool), np.zeros(shape, bool)
+    one[0, 0, 0] = two[0, 0, 0] = two[0, 0, 1] = True
+    diagonal = math.sqrt(41)
+    assert metrics.region_scores(empty, empty, spacing) == {"dice": 1.0, "iou": 1.0, "hd95_mm": 0.0}
+    assert metrics.region_scores(one, empty, spacing) == {"dice": 0.0, "iou": 0.0, "hd95_mm": pytest.approx(diagonal)}
+    assert metrics.region_scores(empty, one, spacing) == {"dice": 0.0, "iou": 0.0, "hd95_mm": pytest.approx(diagonal)}
+    both = metrics.region_scores(two, one, spacing)
+    assert both["dice"] == pytest.approx(2 / 3, abs=1e-6) and both["iou"] == pytest.approx(1 / 2)
+    assert both["hd95_mm"] == pytest.approx(0.95)
+    assert metrics.region_dice(empty, empty) == 1.0 and metrics.region_dice(one, empty) == 0.0
