@@ -140,3 +140,28 @@ def test_batches_without_augmentation_are_the_cached_slices(tagged):
     order = feed.epoch_order(len(raw), 5, 2)[:len(batches) * 3]
     for (x, y), idx in zip(epoch_batches(batches, 2), order.split(3)):
         assert torch.equal(x, raw.inputs(idx).float()) and torch.equal(y, raw.masks[idx].unsqueeze(1))
+
+
+def test_region_targets_follow_the_augmented_label_map(tmp_path):
+    """Slices whose one image channel is the label map itself (0, 1, 2, 4 in bands): after the flips, rotations and
+    the intensity change (labels 1, 2, 4 stay apart: 1 ± 0.2, 2 ± 0.3, 4 ± 0.5), the three targets are WT = the
+    label's voxels, TC = labels 1 and 4, ET = label 4, pixel for pixel of the augmented image."""
+    n, size = 6, 16
+    label = np.zeros((n, size, size), np.uint8)
+    for k in range(n):
+        label[k, k:k + 3, :5], label[k, k:k + 3, 5:9], label[k, k + 3:k + 6, 2:12] = 2, 1, 4
+    np.save(tmp_path / "images_v.npy", label[:, None].astype(np.float16))
+    np.save(tmp_path / "masks_v.npy", label)
+    meta = {"size": size, "volumes": [{"id": "v", "slices": list(range(n)), "depth": n, "box": [0, 0, size],
+                                       "spacing": [1, 1, 1]}]}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    batches = feed.TrainBatches(data.Cache(tmp_path, meta), ["v"], [0], "cpu", 3, seed=1, regions=("wt", "tc", "et"))
+    seen = 0
+    for x, y in batches.epoch(1):
+        assert y.shape == (3, 3, size, size) and y.dtype == torch.uint8
+        value = torch.round(x[:, 0])  # the augmented label: 0.8..1.2 → 1, 1.7..2.3 → 2, 3.5..4.5 → 4
+        assert torch.equal(y[:, 0].bool(), value > 0)
+        assert torch.equal(y[:, 1].bool(), (value == 1) | (value == 4))
+        assert torch.equal(y[:, 2].bool(), value == 4)
+        seen += 1
+    assert seen == 2
