@@ -1,9 +1,11 @@
 """Segmentation metrics: Dice, IoU, HD95, and the post-processing they are measured after.
 
-Conventions (MONAI `ignore_empty=True`, nnU-Net): a sample whose target is empty scores NaN, so means
+Conventions: per slice (MONAI `ignore_empty=True`, nnU-Net) a sample whose target is empty scores NaN, so means
 skip it; the slices with an empty target that still get predicted pixels are counted separately as
-false-positive slices. Every test metric is taken at the original 240 x 240 resolution (the validation
-metrics logged while training are at the training size).
+false-positive slices. Per patient and region (region_scores) the BraTS challenge's: a region absent from label and
+prediction scores Dice 1 and HD95 0, absent from one only Dice 0 and HD95 the volume's diagonal, so every patient
+counts (an enhancing tumour may be absent). Every test metric is taken at the original 240 x 240 resolution (the
+validation metrics logged while training are at the training size).
 """
 from __future__ import annotations
 
