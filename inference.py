@@ -123,8 +123,8 @@ def make_checkpoint(model: UNet, cfg: dict, channels: list[int], epoch: int, val
 
 
 def region_post(ckpt: dict) -> tuple[list[str], dict]:
-    """A checkpoint's regions and post-processing per region; a whole-tumour checkpoint written before regions
-    existed keeps its post-processing at the top level."""
+    """The regions and post-processing per region of a checkpoint or a run's metrics.json; a whole-tumour one
+    written before regions existed keeps its post-processing at the top level."""
     if "post" in ckpt:
         return list(ckpt["regions"]), {r: {**UNCHOSEN, **p} for r, p in ckpt["post"].items()}
     missing = [k for k in ("threshold", "min_component", "largest_3d") if k not in ckpt]
@@ -274,7 +274,9 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict, region
         truth_regions = data.region_masks(labels, regions)
         masks[vid] = pred_regions = postprocess_regions(p, regions, post)
         pred, truth = torch.from_numpy(pred_regions[:, 0]), torch.from_numpy(truth_regions[:, 0])
-        dice, iou = metrics.dice_score(pred, truth), metrics.iou_score(pred, truth)
+        region_slice_dice = [metrics.dice_score(torch.from_numpy(pred_regions[:, i]),
+                                                torch.from_numpy(truth_regions[:, i])).tolist() for i in range(len(regions))]
+        dice, iou = torch.tensor(region_slice_dice[0]), metrics.iou_score(pred, truth)
         slice_dice += dice.tolist()
         slice_iou += iou.tolist()
         fp += metrics.false_positive_slices(pred, truth)
@@ -291,8 +293,6 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict, region
         wt = scores[regions[0]]
         per_volume.append({"id": vid, "dice": wt["dice"], "iou": wt["iou"], "hd95_mm": wt["hd95_mm"],
                            "tumour_voxels": wt["voxels"], "regions": scores})
-        region_slice_dice = [metrics.dice_score(torch.from_numpy(pred_regions[:, i]),
-                                                torch.from_numpy(truth_regions[:, i])).tolist() for i in range(len(regions))]
         region_area = truth_regions.reshape(*truth_regions.shape[:2], -1).sum(2)
         records += [{"volume": vid, "slice": z, "dice": d, "area": a,
                      **{f"dice_{r}": region_slice_dice[i][k] for i, r in enumerate(regions)},

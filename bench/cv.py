@@ -99,14 +99,6 @@ def choose_postprocessing(args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fold_post(result: dict) -> tuple[list[str], dict]:
-    """A fold's regions and post-processing from its metrics.json (before regions existed: the whole tumour's, at
-    the top level)."""
-    if "post" in result:
-        return result["regions"], result["post"]
-    return ["wt"], {"wt": {**inference.UNCHOSEN, **{k: result[k] for k in ("threshold", "min_component", "largest_3d")}}}
-
-
 def summary_rows(name: str, rows: list[dict], regions: list[str]) -> list[str]:
     """Mean, std, min and max of Dice, IoU and HD95 (and each further region's Dice and HD95) over `rows`."""
     lines = []
@@ -128,7 +120,7 @@ def report(args) -> str:
         result = json.loads(path.read_text())
         log = [json.loads(line) for line in (args.out / f"fold{fold}" / "log.jsonl").read_text().splitlines()]
         walls[fold] = sum(r["seconds"] for r in log)
-        fold_regions, post = fold_post(result)
+        fold_regions, post = inference.region_post(result)  # either metrics.json format
         if rows and fold_regions != regions:
             raise SystemExit(f"cv.py: error: fold {fold} predicts {fold_regions}, the folds before it {regions}: one "
                              f"cross-validation is of one --target")
