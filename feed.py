@@ -213,7 +213,10 @@ class TrainBatches:
         return (self.n // self.world) // self.batch_size
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches start, start + 1, ... of epoch `epoch` (epochs count from 1)."""
+        """Batches start, start + 1, ... of epoch `epoch` (epochs count from 1); none when start is past the last
+        (a run stopped after its epoch's last step resumes there)."""
+        if start >= len(self):
+            return
         order = epoch_order(self.n, self.seed, epoch, self.rank, self.world)[:len(self) * self.batch_size]
         order = order[start * self.batch_size:]
         if self.resident:

@@ -18,8 +18,9 @@
 #   b. bench/throughput.py: the throughput ablation at 240 x 240, batch 64, base 32 (seed baseline → cache → resident →
 #      channels_last → bf16 → compile → fused loss), MFU, GPU busy and the top kernels of two rows; its report is
 #      rewritten before every row, so a timeout keeps the finished rows.   cold > 130 s (its two compiles), warm ~70 s
-#   c. bench/loss.py at B 64, 256, 1024: the fused loss against eager and compiled PyTorch; it exits 1 if the
-#      kernels disagree with the reference                                       cold ~35 s at B 16-1024, warm ~30 s
+#   c. bench/loss.py at B 64 and 256, C = 1 (the whole tumour) and C = 3 (the three regions): the fused loss
+#      against eager and compiled PyTorch; it exits 1 if the kernels disagree with the reference. Four (B, C)
+#      shapes, as many as the B 16-1024 at C = 1 measured cold at ~35 s, warm ~30 s; C = 3 adds two compiles
 #   d. train.py end to end at the shape of step b's last row (resident, bf16, torch.compile, the Triton loss),
 #      so the training step's compiled graph comes from the cache step b filled; only the evaluation forward
 #      compiles anew                                                                           44 s after step b
@@ -81,14 +82,14 @@ export GIT_COMMIT=${GIT_COMMIT:-unknown}
 if [ "$DEVICE" = cpu ]; then  # the dry run: the same steps at tiny sizes
     PYTEST_ENV="TRITON_INTERPRET=1"
     THROUGHPUT_BENCH=(bench/throughput.py --device cpu --quick --rows seed,cache,resident,channels_last --workers 1)
-    LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --repeats 1)
+    LOSS_BENCH=(bench/loss.py --device cpu --batches 2 --channels 1,3 --repeats 1)
     E2E=(train.py --data synthetic:4x10 --size 32 --base 4 --depth 2 --batch-size 8 --epochs 2 --device cpu)
     CACHE_BENCH=(bench/cache.py --volumes 4 --distinct 1 --slices 20 --workers 2 --size 64 --no-floor)
     PYTEST_PARALLEL=()
 else
     PYTEST_ENV="TRITON_INTERPRET=0"
     THROUGHPUT_BENCH=(bench/throughput.py --device cuda --data synthetic:6x80 --workers 8)
-    LOSS_BENCH=(bench/loss.py --device cuda --batches 64,256,1024)
+    LOSS_BENCH=(bench/loss.py --device cuda --batches 64,256 --channels 1,3)
     # step b's fused row: synthetic:6x80, 240 x 240 uncropped, batch 64, base 32, depth 4, every speed flag on auto
     E2E=(train.py --data synthetic:6x80 --size 240 --crop off --batch-size 64 --epochs 2 --device cuda)
     CACHE_BENCH=(bench/cache.py --volumes 16 --distinct 1 --workers 16 --size 240 --no-floor)

@@ -23,6 +23,8 @@ MUTANTS = [
      "tests/test_batches.py"),
     ("an epoch repeats its first batch", "feed.py", "for idx in order.split(self.batch_size))",
      "for idx in [order[:self.batch_size]] * (len(order) // self.batch_size))", "tests/test_batches.py"),
+    ("a run stopped after an epoch's last step resumes into one empty batch", "feed.py",
+     "        if start >= len(self):\n            return\n", "", "tests/test_batches.py -k restarted"),
     ("never shuffles", "feed.py", "torch.randperm(n, generator=generator)[rank::world]", "torch.arange(n)[rank::world]",
      "tests/test_batches.py"),
     ("every rank draws the same slices", "feed.py", "torch.randperm(n, generator=generator)[rank::world]",
