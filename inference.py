@@ -381,29 +381,35 @@ def postprocess_regions(probs: np.ndarray, regions: list[str], post: dict) -> np
     return data.region_masks(data.labels_from_regions(masks, regions), regions) if len(regions) > 1 else masks
 
 
-def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> tuple[dict, float]:
+def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                          inner: dict[str, np.ndarray] | None = None) -> tuple[dict, float]:
     """The post-processing (threshold, minimum component size, largest 3D component or not) with the best mean
     per-volume Dice on these volumes, and that Dice. Ties go to the first setting tried (lower threshold, smaller
-    size, no largest-3D rule).
+    size, no largest-3D rule). `inner`: per volume, a mask always added to the result (the inner regions that
+    nesting adds to an outer one, postprocess_regions), so the choice is scored on the mask that is evaluated.
 
-    Components are labelled once per threshold; every size cut is then a sum over component areas.
+    Components are labelled once per threshold; every size cut is then a sum over component areas (outside
+    `inner`, whose own area and overlap with the truth are counted once per volume).
     """
     import cv2
 
+    inner = inner or {v: np.zeros(probs[v].shape, bool) for v in probs}
     true = torch.tensor([float(t.sum()) for t in truth.values()], dtype=torch.float64)
     best = (0.5, 0, -1.0)
     for th in THRESHOLDS:
-        inter = torch.zeros((len(probs), len(MIN_COMPONENTS)), dtype=torch.float64)
-        pred = torch.zeros_like(inter)
+        inter = torch.tensor([[float((inner[v] & truth[v].astype(bool)).sum())] * len(MIN_COMPONENTS) for v in probs],
+                             dtype=torch.float64)
+        pred = torch.tensor([[float(inner[v].sum())] * len(MIN_COMPONENTS) for v in probs], dtype=torch.float64)
         for v, vid in enumerate(probs):
-            for p, t in zip(probs[vid] >= th, truth[vid].astype(bool)):
+            for p, t, fixed in zip(probs[vid] >= th, truth[vid].astype(bool), inner[vid]):
                 if not p.any():
                     continue
                 n, labels, stats, _ = cv2.connectedComponentsWithStats(p.astype(np.uint8), connectivity=8)
-                area = torch.from_numpy(stats[1:, cv2.CC_STAT_AREA].astype(np.float64))
-                hit = torch.from_numpy(np.bincount(labels[t], minlength=n)[1:].astype(np.float64))
+                area = torch.from_numpy(np.bincount(labels[~fixed], minlength=n)[1:].astype(np.float64))
+                hit = torch.from_numpy(np.bincount(labels[t & ~fixed], minlength=n)[1:].astype(np.float64))
+                size = torch.from_numpy(stats[1:, cv2.CC_STAT_AREA].astype(np.float64))
                 for j, m in enumerate(MIN_COMPONENTS):
-                    keep = area >= m
+                    keep = size >= m
                     inter[v, j] += hit[keep].sum()
                     pred[v, j] += area[keep].sum()
         dice = metrics.dice_from_counts(inter, pred, true[:, None].expand_as(inter))
@@ -412,21 +418,25 @@ def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndar
             if score > best[2] + 1e-9:
                 best = (th, m, score)
     th, m, score = best
-    largest = [metrics.dice_score(torch.from_numpy(postprocess(probs[v].astype(np.float32), th, m, True))[None],
+    largest = [metrics.dice_score(torch.from_numpy(postprocess(probs[v].astype(np.float32), th, m, True) | inner[v])[None],
                                   torch.from_numpy(truth[v].astype(bool))[None]).item() for v in probs]
     use_largest = metrics.nanmean(largest) > score + 1e-9
     return {"threshold": th, "min_component": m, "largest_3d": use_largest, "min_volume": 0}, \
         max(score, metrics.nanmean(largest))
 
 
-def choose_min_volume(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray], post: dict) -> tuple[int, float]:
+def choose_min_volume(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray], post: dict,
+                      inner: dict[str, np.ndarray] | None = None) -> tuple[int, float]:
     """Given a region's other settings: the smallest of MIN_VOLUMES with the best mean Dice under BraTS's
     empty-region conventions (metrics.region_scores: a patient without the region scores 1 only when nothing is
-    predicted), and that Dice. Where every patient has the region, removing a prediction can only lose: 0 wins."""
+    predicted), and that Dice. The volume counts the region's own mask; `inner` (as in choose_postprocessing) is
+    added after. Where every patient has the region, removing a prediction can only lose: 0 wins."""
+    inner = inner or {v: np.zeros(probs[v].shape, bool) for v in probs}
     masks = {v: postprocess(probs[v].astype(np.float32), **{**post, "min_volume": 0}) for v in probs}
     best = (0, -1.0)
     for min_volume in MIN_VOLUMES:
-        dice = [metrics.region_dice(m if m.sum() >= min_volume else np.zeros_like(m), truth[v]) for v, m in masks.items()]
+        dice = [metrics.region_dice((m if m.sum() >= min_volume else np.zeros_like(m)) | inner[v], truth[v])
+                for v, m in masks.items()]
         if np.mean(dice) > best[1] + 1e-9:
             best = (min_volume, float(np.mean(dice)))
     return best
@@ -434,14 +444,18 @@ def choose_min_volume(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray]
 
 def choose_region_postprocessing(probs: dict[str, np.ndarray], labels: dict[str, np.ndarray],
                                  regions: list[str]) -> tuple[dict, dict]:
-    """Each region's post-processing chosen on these volumes (probabilities (S, R, H, W), label maps (S, H, W)):
-    threshold, minimum component and largest-3D rule by choose_postprocessing (volumes without the region skipped),
-    then the minimum volume by choose_min_volume (every volume counts). Returns (post, the validation Dice of each
-    region under it, BraTS conventions)."""
+    """Each region's post-processing chosen on these volumes (probabilities (S, R, H, W), label maps (S, H, W)),
+    innermost region first: threshold, minimum component and largest-3D rule by choose_postprocessing (volumes
+    without the region skipped), then the minimum volume by choose_min_volume (every volume counts), each scored on
+    the region as evaluated, i.e. with the inner regions' chosen masks added (postprocess_regions' nesting).
+    Returns (post, the validation Dice of each region under it, BraTS conventions)."""
     post, dice = {}, {}
-    for i, region in enumerate(regions):
+    inner = {v: np.zeros(probs[v][:, 0].shape, bool) for v in probs}
+    for i in sorted(range(len(regions)), key=lambda i: len(data.REGIONS[regions[i]])):  # innermost first
+        region = regions[i]
         p = {v: probs[v][:, i] for v in probs}
         t = {v: data.region_masks(labels[v], [region])[:, 0] for v in labels}
-        post[region], _ = choose_postprocessing(p, t)
-        post[region]["min_volume"], dice[region] = choose_min_volume(p, t, post[region])
-    return post, dice
+        post[region], _ = choose_postprocessing(p, t, inner)
+        post[region]["min_volume"], dice[region] = choose_min_volume(p, t, post[region], inner)
+        inner = {v: inner[v] | postprocess(p[v].astype(np.float32), **post[region]) for v in probs}
+    return {r: post[r] for r in regions}, {r: dice[r] for r in regions}

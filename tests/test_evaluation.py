@@ -240,6 +240,31 @@ def test_min_volume_is_chosen_on_the_patients_without_the_region():
     assert inference.choose_min_volume(probs, truth, dict(inference.UNCHOSEN)) == (0, 1.0)
 
 
+def test_region_post_processing_is_chosen_on_the_nested_masks_that_are_evaluated():
+    """One slice: WT is rows 0-9 (label 2 in rows 0-1, TC = label 1 in rows 2-9), no ET. TC is predicted exactly
+    (0.9). WT's own output: rows 0-1 at 0.9, rows 2-9 at 0.35 and a 120-pixel false blob at 0.35. Alone, WT's best
+    threshold is 0.3 (Dice 2 * 100 / (220 + 100) = 0.625; 0.4 keeps 20 pixels: 0.333). Nested, TC's 80 pixels join
+    WT, so 0.4 gives rows 0-9 exactly: Dice 1, which is what the evaluation (postprocess_regions) then scores."""
+    labels = np.zeros((1, 32, 32), np.uint8)
+    labels[0, 0:2, 0:10], labels[0, 2:10, 0:10] = 2, 1
+    probs = np.zeros((1, 3, 32, 32), np.float32)
+    probs[0, 0, 0:2, 0:10], probs[0, 0, 2:10, 0:10], probs[0, 0, 20:32, 0:10] = 0.9, 0.35, 0.35
+    probs[0, 1, 2:10, 0:10] = 0.9
+    wt_alone, dice_alone = inference.choose_postprocessing({"v": probs[:, 0]}, {"v": labels > 0})
+    assert wt_alone["threshold"] == 0.3 and dice_alone == pytest.approx(0.625)
+    regions = ["wt", "tc", "et"]
+    post, dice = inference.choose_region_postprocessing({"v": probs}, {"v": labels}, regions)
+    assert list(post) == regions and post["wt"]["threshold"] == 0.4
+    assert dice == {"wt": pytest.approx(1.0), "tc": pytest.approx(1.0), "et": 1.0}
+    # WT predicted exactly and holding TC: the inner pixels count once, every rule scores 1, the simplest wins
+    probs[0, 0, 0:10, 0:10], probs[0, 0, 20:32] = 0.9, 0
+    tc = {"v": data.region_masks(labels, ["tc"])[:, 0]}
+    assert inference.choose_postprocessing({"v": probs[:, 0]}, {"v": labels > 0}, tc) == (dict(inference.UNCHOSEN, threshold=0.3), 1.0)
+    evaluated = inference.postprocess_regions(probs, regions, post)
+    assert [metrics.region_dice(evaluated[:, i], data.region_masks(labels, [r])[:, 0]) for i, r in enumerate(regions)] \
+        == [pytest.approx(1.0)] * 3
+
+
 def test_postprocess_removes_a_region_under_its_minimum_volume():
     probs = np.zeros((2, 8, 8), np.float32)
     probs[0, :3, :3] = probs[1, :2, :2] = 0.9  # 13 voxels
