@@ -1,6 +1,6 @@
 """Pictures of a run and of a prediction: training curves, colour-coded overlays of prediction on the scan (true
 positives green, false positives red, false negatives blue; with --target regions, label and prediction side by side
-in BraTS's label colours), the worst slices (per region), and predict.py's outline montages.
+in BraTS's label colours), the most wrong slices (per region), and predict.py's outline montages.
 
 Slices are (x, y) arrays, shown as radiologists view BraTS: rows = y, columns = x (hence the transposes).
 Every file is written through a temporary name (data.atomic_path).
@@ -119,8 +119,8 @@ def plot_slices(items: list[dict], path: Path, title: str) -> None:
         ax.axis("off")
     for ax, it in zip(axes.flat, items):
         ax.imshow(overlay(it["image"].T, it["pred"].T, it["truth"].T))
-        head = f"{it['volume']} z={it['slice']}"
-        ax.set_title(f"{head}\nDice {it['dice']:.3f}" if not math.isnan(it["dice"]) else f"{head}\nno tumour", fontsize=8)
+        head = f"{it['volume']} z={it['slice']}\n" + (f"Dice {it['dice']:.3f}" if not math.isnan(it["dice"]) else "none in the label")
+        ax.set_title(f"{head}, {it['wrong']} px wrong" if "wrong" in it else head, fontsize=8)
     fig.legend(handles=[Patch(color=TP_COLOUR, label="true positive"), Patch(color=FP_COLOUR, label="false positive"),
                         Patch(color=FN_COLOUR, label="false negative")], loc="lower center", ncol=3, fontsize=9)
     fig.suptitle(title)
@@ -143,10 +143,18 @@ def pick_overview(records: list[dict], n: int = 8) -> list[dict]:
     return picks
 
 
-def pick_worst(records: list[dict], n: int = 8, key: str = "dice") -> list[dict]:
-    """The n slices with the lowest `key` (dice: the whole tumour's; dice_tc, dice_et: a region's) where the label
-    has that region (NaN otherwise)."""
-    return sorted((r for r in records if not math.isnan(r[key])), key=lambda r: r[key])[:n]
+def pick_worst(records: list[dict], n: int = 8, region: str = "wt", per_volume: int = 2) -> list[dict]:
+    """The n slices where `region` is most wrong (false positives + false negatives, in pixels at 240 x 240), at
+    most per_volume from one patient, so the gallery shows the worst patients' worst slices rather than near copies
+    of one slice or the few-pixel edges of tumours the model found. Slices without a wrong pixel are never picked."""
+    picks, taken = [], {}
+    for r in sorted(records, key=lambda r: -r[f"wrong_{region}"]):
+        if len(picks) == n or r[f"wrong_{region}"] == 0:
+            break
+        if taken.get(r["volume"], 0) < per_volume:
+            picks.append(r)
+            taken[r["volume"]] = taken.get(r["volume"], 0) + 1
+    return picks
 
 
 def montage_slices(pred: np.ndarray, truth: np.ndarray | None) -> list[int]:
@@ -220,14 +228,15 @@ def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarr
         items.append({**r, "image": data.uncrop(flair, meta["box"])[0].numpy(), "pred": masks[r["volume"]][k, i],
                       "truth": data.region_masks(label[None], [region])[0, 0], "truth_label": label,
                       "pred_label": data.labels_from_regions(masks[r["volume"]][k:k + 1], regions)[0],
-                      "dice": r[f"dice_{region}"]})
+                      "dice": r[f"dice_{region}"], **({"wrong": r[f"wrong_{region}"]} if f"wrong_{region}" in r else {})})
     return items
 
 
 def run_figures(out: Path, cache: data.Cache, log: list[dict], records: list[dict], masks: dict[str, np.ndarray],
                 kept_epoch: int, regions: list[str] = ("wt",)) -> None:
     """A run's pictures in `out`: curves.png, overlays.png (an overview of the test slices), failures.png (the
-    worst whole-tumour slices) and, with several regions, failures_<region>.png for the others, from train.py's log
+    most wrong whole-tumour slices, pick_worst) and, with several regions, failures_<region>.png for the others,
+    from train.py's log
     and its test evaluation (per-slice records and post-processed masks (S, R, 240, 240))."""
     plot_curves(log, out / "curves.png", kept_epoch)
     if not records:  # --train-on all: no test patient to picture
@@ -240,5 +249,5 @@ def run_figures(out: Path, cache: data.Cache, log: list[dict], records: list[dic
                     "Test patients: ground truth vs prediction (green TP, red FP, blue FN)")
     for region in regions:
         name = "failures.png" if region == regions[0] else f"failures_{region}.png"
-        plot_slices(figure_items(pick_worst(records, key=f"dice_{region}"), cache, masks, regions, region), out / name,
-                    f"Worst test slices by {region.upper()} Dice (green TP, red FP, blue FN)")
+        plot_slices(figure_items(pick_worst(records, region=region), cache, masks, regions, region), out / name,
+                    f"Most wrong test slices, {region.upper()}: at most 2 a patient (green TP, red FP, blue FN)")

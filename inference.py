@@ -264,7 +264,8 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict, region
     """Test metrics at 240 x 240 of the post-processed, nested regions (postprocess_regions): per volume and region
     Dice, IoU and HD95 (mm) with BraTS's empty-region conventions (metrics.region_scores), their mean, std and min
     over volumes; per-slice Dice and IoU on tumour slices and false-positive slices, of the whole tumour (the first
-    region). Returns (summary, per-slice rows, masks (S, R, 240, 240) per volume).
+    region). Returns (summary, per-slice rows (each region's Dice, tumour pixels and wrong pixels: false positives
+    + false negatives), masks (S, R, 240, 240) per volume).
 
     The summary's volume_dice, volume_iou, hd95_mm (and per_volume's dice, iou, hd95_mm) are the whole tumour's;
     summary["regions"] holds every region's."""
@@ -294,9 +295,11 @@ def evaluate(probs: dict[str, np.ndarray], cache: data.Cache, post: dict, region
         per_volume.append({"id": vid, "dice": wt["dice"], "iou": wt["iou"], "hd95_mm": wt["hd95_mm"],
                            "tumour_voxels": wt["voxels"], "regions": scores})
         region_area = truth_regions.reshape(*truth_regions.shape[:2], -1).sum(2)
+        wrong = (pred_regions != truth_regions).reshape(*truth_regions.shape[:2], -1).sum(2)  # FP + FN pixels
         records += [{"volume": vid, "slice": z, "dice": d, "area": a,
                      **{f"dice_{r}": region_slice_dice[i][k] for i, r in enumerate(regions)},
-                     **{f"area_{r}": int(region_area[k, i]) for i, r in enumerate(regions)}}
+                     **{f"area_{r}": int(region_area[k, i]) for i, r in enumerate(regions)},
+                     **{f"wrong_{r}": int(wrong[k, i]) for i, r in enumerate(regions)}}
                     for k, (z, d, a) in enumerate(zip(meta["slices"], dice.tolist(), area.tolist()))]
 
     def over_volumes(region: str) -> dict:

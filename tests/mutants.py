@@ -214,6 +214,12 @@ MUTANTS = [
     # figures
     ("overlays without colours", "figures.py",
      "rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)", "pass", "tests/test_figures.py"),
+    ("the failure gallery ranks the least wrong slices", "figures.py", "key=lambda r: -r[f\"wrong_{region}\"]",
+     "key=lambda r: r[f\"wrong_{region}\"]", "tests/test_figures.py -k worst"),
+    ("the failure gallery without its per-patient cap", "figures.py", "if taken.get(r[\"volume\"], 0) < per_volume:",
+     "if True:", "tests/test_figures.py -k worst"),
+    ("wrong pixels counted as false positives only", "inference.py", "wrong = (pred_regions != truth_regions)",
+     "wrong = (pred_regions & ~truth_regions)", "tests/test_evaluation.py -k by_hand"),
     ("montages without outlines", "figures.py", "        ax.plot(pts[:, 0], pts[:, 1], color=colour, linewidth=0.9, linestyle=style)",
      "        pass", "tests/test_figures.py"),
     # resume

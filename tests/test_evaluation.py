@@ -59,6 +59,7 @@ def test_evaluate_by_hand(two_volumes):
     assert [(r["volume"], r["slice"]) for r in records] == [("A", 1), ("A", 2), ("B", 0)]
     assert [r["area"] for r in records] == [100, 0, 400]  # the true tumour's pixels of each slice
     assert math.isnan(records[1]["dice"]) and masks["A"].sum() == 59
+    assert [r["wrong_wt"] for r in records] == [50, 9, 0]  # A: the 50 missed; the 3 x 3 false positive; B: none
 
 
 def test_validation_dice_is_the_mean_over_volumes_not_pooled(tmp_path):
@@ -219,6 +220,8 @@ def test_evaluate_regions_by_hand_with_the_brats_empty_conventions(labelled):
     assert summary["volume_dice"] == summary["regions"]["wt"]["dice"]
     assert masks["P"].shape == (1, 3, 240, 240) and records[0]["dice_et"] == pytest.approx(0.5)
     assert math.isnan(records[1]["dice_et"]) and records[1]["area_tc"] == 0
+    # wrong pixels (false positives + false negatives) of the nested masks: P's 50 extra WT, 50 extra TC, ET 50 + 50
+    assert [[r[f"wrong_{k}"] for k in ("wt", "tc", "et")] for r in records] == [[50, 50, 100], [4, 8, 4]]
     # with nothing predicted in Q's TC and ET, both regions are absent in both: Dice 1, HD95 0
     probs["Q"][0, 1:] = 0
     q = inference.evaluate(probs, labelled, post, ["wt", "tc", "et"])[0]["per_volume"][1]["regions"]

@@ -80,7 +80,6 @@ def test_picks_put_each_volume_s_largest_tumour_slice_first():
                [("a", 0, 0.5, 10), ("a", 1, 0.9, 30), ("a", 2, float("nan"), 0), ("b", 0, 0.1, 50), ("b", 1, 0.7, 5)]]
     picks = figures.pick_overview(records, n=3)
     assert [(r["volume"], r["slice"]) for r in picks[:2]] == [("a", 1), ("b", 0)] and len(picks) == 3
-    assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records, n=2)] == [("b", 0), ("a", 0)]
 
 
 def test_montage_of_regions_draws_each_region_in_its_colour(tmp_path):
@@ -107,6 +106,12 @@ def test_label_overlay_colours_each_label():
     assert rgb[0, 0].tolist() == [0.0, 0.0, 0.0]
 
 
-def test_worst_slices_of_a_region_skip_slices_without_it():
-    records = [{"volume": "a", "slice": z, "dice": 0.9, "dice_et": d} for z, d in ((0, float("nan")), (1, 0.2), (2, 0.6))]
-    assert [r["slice"] for r in figures.pick_worst(records, n=5, key="dice_et")] == [1, 2]
+def test_worst_slices_are_the_most_wrong_at_most_two_a_patient():
+    """Ranked by wrong pixels of the region asked: patient a's three bad slices give only its two worst; a slice
+    without the region but with false positives counts; slices with nothing wrong are never picked."""
+    rows = [("a", 0, 90, 0), ("a", 1, 80, 5), ("a", 2, 85, 0), ("b", 0, 10, 40), ("b", 1, 0, 0), ("c", 0, 50, 0)]
+    records = [{"volume": v, "slice": z, "wrong_wt": w, "wrong_et": e} for v, z, w, e in rows]
+    assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records)] == [("a", 0), ("a", 2), ("c", 0), ("b", 0)]
+    assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records, n=2)] == [("a", 0), ("a", 2)]
+    assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records, region="et")] == [("b", 0), ("a", 1)]
+    assert [(r["volume"], r["slice"]) for r in figures.pick_worst(records, per_volume=1)] == [("a", 0), ("c", 0), ("b", 0)]
