@@ -8,7 +8,8 @@ patient is a test patient exactly once and nothing is chosen on it. Folds run --
 OMP_NUM_THREADS = cores / jobs); a fold whose metrics.json exists is not run again, one with a last.pt is resumed.
 The report (stdout and OUT/cv.md): one row per patient (fold, site, Dice, IoU, HD95, tumour volume; with --target
 regions each region's Dice and HD95), then mean, std and min over patients, over each site (data.site_of) and over
-each --group NAME=ID,ID,... and the rest, with the folds' wall times.
+each --group NAME=ID,ID,... and the rest, with the folds' wall times; --against OTHER_OUT compares each patient's
+whole-tumour Dice with another cross-validation's on the same folds (a lever against the recipe).
 
     python bench/cv.py --folds 7 --out runs/cv --choose-postprocess   # a --postprocess for each fold, and one for all
 
@@ -111,14 +112,15 @@ def summary_rows(name: str, rows: list[dict], regions: list[str]) -> list[str]:
     return lines
 
 
-def report(args) -> str:
+def read_folds(out: Path, folds: int) -> tuple[list[dict], dict, list[str]]:
+    """The finished folds under `out`: one row per test patient, each fold's training seconds, the regions."""
     rows, walls, regions = [], {}, ["wt"]
-    for fold in range(args.folds):
-        path = args.out / f"fold{fold}" / "metrics.json"
+    for fold in range(folds):
+        path = out / f"fold{fold}" / "metrics.json"
         if not path.exists():
             continue
         result = json.loads(path.read_text())
-        log = [json.loads(line) for line in (args.out / f"fold{fold}" / "log.jsonl").read_text().splitlines()]
+        log = [json.loads(line) for line in (out / f"fold{fold}" / "log.jsonl").read_text().splitlines()]
         walls[fold] = sum(r["seconds"] for r in log)
         fold_regions, post = inference.region_post(result)  # either metrics.json format
         if rows and fold_regions != regions:
@@ -133,6 +135,26 @@ def report(args) -> str:
             for r in regions[1:]:
                 row.update({f"{r}_dice": v["regions"][r]["dice"], f"{r}_hd95_mm": v["regions"][r]["hd95_mm"]})
             rows.append(row)
+    return rows, walls, regions
+
+
+def against(rows: list[dict], other: Path, folds: int) -> list[str]:
+    """Per patient, this cross-validation's whole-tumour Dice against another's (a lever against the recipe, regions
+    against the binary model) on the patients both tested: the means and how many are higher, lower, equal here."""
+    theirs = {r["id"]: r["dice"] for r in read_folds(other, folds)[0]}
+    pairs = [(r["dice"], theirs[r["id"]]) for r in rows if r["id"] in theirs]
+    if not pairs:
+        return ["", f"against {other}: no patient tested in both"]
+    higher = sum(a - b > 5e-4 for a, b in pairs)
+    lower = sum(b - a > 5e-4 for a, b in pairs)
+    mine, other_mean = statistics.mean(a for a, _ in pairs), statistics.mean(b for _, b in pairs)
+    return ["", f"against {other} (whole-tumour Dice, the {len(pairs)} patients both tested): mean {mine:.3f} here, "
+                f"{other_mean:.3f} there ({mine - other_mean:+.3f}); higher here on {higher}, lower on {lower}, "
+                f"equal (within 0.0005) on {len(pairs) - higher - lower}"]
+
+
+def report(args) -> str:
+    rows, walls, regions = read_folds(args.out, args.folds)
     extra = "".join(f" {r.upper()} Dice | {r.upper()} HD95 mm |" for r in regions[1:])
     lines = [f"machine: {machine('cpu')}; {utc_now()}; commit {git_commit()}",
              f"folds run: {sorted(walls)} of {args.folds}; training seconds per fold (sum of epochs): "
@@ -153,6 +175,7 @@ def report(args) -> str:
             outside = [r for r in rows if r["id"] not in members]
             lines += summary_rows(name, inside, regions) if inside else []
             lines += summary_rows(f"not {name}", outside, regions) if outside else []
+        lines += against(rows, args.against, args.folds) if args.against else []
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +200,8 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true", help="do not run folds, only report those run")
     p.add_argument("--group", type=group, action="append", default=[], metavar="NAME=ID,ID,...",
                    help="also summarise these patients, and the others, apart (repeatable)")
+    p.add_argument("--against", type=Path, default=None, metavar="OTHER_OUT",
+                   help="also compare each patient's whole-tumour Dice with the cross-validation in OTHER_OUT")
     p.add_argument("--choose-postprocess", action="store_true",
                    help="do not run folds: choose --postprocess on the finished folds' pooled validation patients")
     args = p.parse_args(argv)

@@ -212,6 +212,8 @@ MUTANTS = [
      "logits.flip([-1 - (-d % 2) for d in dims]) if dims else logits",
      "tests/test_predict.py::test_flips_and_models_average_against_a_float64_reference"),
     # figures
+    ("--against compares with the wrong run's patients", "bench/cv.py", "pairs = [(r[\"dice\"], theirs[r[\"id\"]]) for r in rows if r[\"id\"] in theirs]",
+     "pairs = [(r[\"dice\"], r[\"dice\"]) for r in rows if r[\"id\"] in theirs]", "tests/test_cv.py -k against"),
     ("overlays without colours", "figures.py",
      "rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)", "pass", "tests/test_figures.py"),
     ("the failure gallery ranks the least wrong slices", "figures.py", "key=lambda r: -r[f\"wrong_{region}\"]",

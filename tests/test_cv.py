@@ -81,7 +81,8 @@ def test_report_reads_both_metrics_formats_and_summarises_sites_groups_and_regio
 
     write(0, old)
     write(1, new(["wt"]))
-    args = argparse.Namespace(folds=3, out=tmp_path, group=[("g", {"Brats18_2013_1_1", "Brats18_CBICA_BBB_1"})])
+    args = argparse.Namespace(folds=3, out=tmp_path, group=[("g", {"Brats18_2013_1_1", "Brats18_CBICA_BBB_1"})],
+                              against=None)
     text = cv.report(args)
     assert "folds run: [0, 1] of 3" in text and "0: 60, 1: 120" in text
     assert "| Brats18_CBICA_AAA_1 | 0 | CBICA | 0.900 | 0.800 | 4.0 | 50.0 | 0.4,25,on (chosen on validation) |" in text
@@ -96,3 +97,25 @@ def test_report_reads_both_metrics_formats_and_summarises_sites_groups_and_regio
     text = cv.report(args)
     assert "| 0.700 | 0.600 | 6.0 | 30.0 | 0.600 | 8.0 | 1.000 | 0.0 | 0.5,0,off/0.5,0,off/0.5,0,off,200 (fixed) |" in text
     assert "| all (1) | ET Dice | 1.000 |" in text and "| all (1) | TC HD95 mm | 8.000 |" in text
+
+
+def test_against_compares_each_patient_tested_in_both_cross_validations(tmp_path):
+    """Here: A 0.9, B 0.5, C 0.7 (C only here). There: A 0.8, B 0.5002 (equal within 0.0005), D 0.1 (only there).
+    Two patients in both: means 0.700 and 0.650 (+0.050); higher on 1 (A), lower on 0, equal on 1 (B)."""
+    cv = load_cv()
+
+    def write(root, fold, dice):
+        (root / f"fold{fold}").mkdir(parents=True)
+        per_volume = [{"id": i, "dice": d, "iou": d, "hd95_mm": 1.0, "tumour_voxels": 1000} for i, d in dice.items()]
+        (root / f"fold{fold}" / "metrics.json").write_text(json.dumps({"post": {"wt": dict(inference.UNCHOSEN)},
+                                                                       "regions": ["wt"], "test": {"per_volume": per_volume}}))
+        (root / f"fold{fold}" / "log.jsonl").write_text(json.dumps({"seconds": 1.0}) + "\n")
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    write(here, 0, {"A": 0.9, "B": 0.5})
+    write(here, 1, {"C": 0.7})
+    write(there, 0, {"A": 0.8, "B": 0.5002})
+    write(there, 1, {"D": 0.1})
+    text = cv.report(argparse.Namespace(folds=2, out=here, group=[], against=there))
+    assert text.splitlines()[-1] == (f"against {there} (whole-tumour Dice, the 2 patients both tested): mean 0.700 here, "
+                                     "0.650 there (+0.050); higher here on 1, lower on 0, equal (within 0.0005) on 1")
