@@ -29,8 +29,8 @@ def test_choose_postprocess_pools_validation_runs_without_the_folds_test_patient
                           "--out", str(out / f"fold{fold}"), "--cache-dir", str(tmp_path / "c")]) == 0
     splits = [json.loads((out / f"fold{f}" / "split.json").read_text()) for f in range(folds)]
     calls, original = [], inference.choose_postprocessing
-    monkeypatch.setattr(inference, "choose_postprocessing", lambda probs, truth: calls.append(sorted(probs)) or
-                        original(probs, truth))
+    monkeypatch.setattr(inference, "choose_postprocessing", lambda probs, truth, inner=None: calls.append(sorted(probs))
+                        or original(probs, truth, inner))
     text = cv.choose_postprocessing(argparse.Namespace(folds=folds, out=out))
     every_run = sorted(f"{f}/{v}" for f in range(folds) for v in splits[f]["val"])
     assert len(calls) == folds + 1 and calls[-1] == every_run  # one rule per fold, then one from every run
