@@ -11,6 +11,12 @@ regions each region's Dice and HD95), then mean, std and min over patients, over
 each --group NAME=ID,ID,... and the rest, with the folds' wall times; --against OTHER_OUT compares each patient's
 whole-tumour Dice with another cross-validation's on the same folds (a lever against the recipe).
 
+    python bench/cv.py --folds 7 --out runs/cv --retest runs/cv_retest   # the test phase again, with today's code
+
+--retest tests each finished fold's best.pt again with the current code (post-processing re-chosen on the fold's
+validation patients, test patients evaluated once: train.py's test phase) and reports it against OUT: a
+post-processing lever measured without retraining. With unchanged code it reproduces each fold's metrics.json.
+
     python bench/cv.py --folds 7 --out runs/cv --choose-postprocess   # a --postprocess for each fold, and one for all
 
 --choose-postprocess pools the validation patients of every finished fold (each fold's best.pt on its own
@@ -23,8 +29,10 @@ choose on; fourteen validation runs are not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,6 +47,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import inference  # noqa: E402
+import train  # noqa: E402
 from common import git_commit, machine, utc_now  # noqa: E402
 
 
@@ -98,6 +107,30 @@ def choose_postprocessing(args) -> str:
     lines.append(f"| mean over {len(pooled)} test patients | | {statistics.mean(pooled):.3f} | {statistics.mean(own):.3f} |")
     lines.append(f"| a final model (every run) | {rule(list(probs))[1]} | | |")
     return "\n".join(lines) + "\n"
+
+
+def retest(args) -> None:
+    """Each finished fold of --out tested again with the current code into RETEST/fold<i>: its best.pt (weights) with
+    the post-processing chosen again on the fold's own validation patients (a fold with a fixed --postprocess keeps
+    it) and its test patients evaluated once, by train.py's own test phase; config, split and log copied, so the
+    report reads RETEST like a cross-validation. A post-processing lever measured without retraining."""
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    for fold in range(args.folds):
+        src, dst = args.out / f"fold{fold}", args.retest / f"fold{fold}"
+        if not (src / "metrics.json").exists() or (dst / "metrics.json").exists():
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("best.pt", "config.json", "split.json", "log.jsonl"):
+            shutil.copy2(src / name, dst / name)
+        stored = json.loads((src / "config.json").read_text())
+        cfg = train.TrainConfig(**{**{k: v for k, v in stored.items() if k in names}, "out": str(dst), "device": "cpu"})
+        device = torch.device("cpu")
+        run = train.Run(device, inference.resolve_speed(device, cfg.amp, cfg.channels_last, cfg.compile), dst)
+        cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir and REPO / cfg.cache_dir, cfg.crop == "on")
+        log = [json.loads(line) for line in (dst / "log.jsonl").read_text().splitlines()]
+        epochs = json.loads((src / "metrics.json").read_text()).get("epochs", len(log))
+        print(f"fold {fold}: ", end="", flush=True)
+        train.test(cfg, run, cache, json.loads((dst / "split.json").read_text()), log, epochs)
 
 
 def summary_rows(name: str, rows: list[dict], regions: list[str]) -> list[str]:
@@ -202,6 +235,9 @@ def main() -> int:
                    help="also summarise these patients, and the others, apart (repeatable)")
     p.add_argument("--against", type=Path, default=None, metavar="OTHER_OUT",
                    help="also compare each patient's whole-tumour Dice with the cross-validation in OTHER_OUT")
+    p.add_argument("--retest", type=Path, default=None, metavar="NEW_OUT",
+                   help="do not run folds: test each finished fold again with the current code into NEW_OUT, then "
+                        "report it against OUT")
     p.add_argument("--choose-postprocess", action="store_true",
                    help="do not run folds: choose --postprocess on the finished folds' pooled validation patients")
     args = p.parse_args(argv)
@@ -212,6 +248,10 @@ def main() -> int:
         print(text)
         (args.out / "postprocess.md").write_text(text)
         return 0
+    if args.retest:
+        retest(args)
+        args = argparse.Namespace(**{**vars(args), "out": args.retest, "against": args.against or args.out,
+                                     "report_only": True})
     if not args.report_only:
         folds = args.only if args.only is not None else list(range(args.folds))
         with ThreadPoolExecutor(args.jobs) as pool:

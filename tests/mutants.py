@@ -214,6 +214,8 @@ MUTANTS = [
     # figures
     ("--against compares with the wrong run's patients", "bench/cv.py", "pairs = [(r[\"dice\"], theirs[r[\"id\"]]) for r in rows if r[\"id\"] in theirs]",
      "pairs = [(r[\"dice\"], r[\"dice\"]) for r in rows if r[\"id\"] in theirs]", "tests/test_cv.py -k against"),
+    ("--retest keeps a fixed rule instead of choosing again", "bench/cv.py", '"out": str(dst), "device": "cpu"}',
+     '"out": str(dst), "device": "cpu", "postprocess": "0.5,0,off"}', "tests/test_cv.py -k retest"),
     ("overlays without colours", "figures.py",
      "rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * np.array(colour)", "pass", "tests/test_figures.py"),
     ("the failure gallery ranks the least wrong slices", "figures.py", "key=lambda r: -r[f\"wrong_{region}\"]",

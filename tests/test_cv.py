@@ -119,3 +119,22 @@ def test_against_compares_each_patient_tested_in_both_cross_validations(tmp_path
     text = cv.report(argparse.Namespace(folds=2, out=here, group=[], against=there))
     assert text.splitlines()[-1] == (f"against {there} (whole-tumour Dice, the 2 patients both tested): mean 0.700 here, "
                                      "0.650 there (+0.050); higher here on 1, lower on 0, equal (within 0.0005) on 1")
+
+
+def test_retest_reproduces_each_fold_and_then_follows_the_current_code(tmp_path, monkeypatch):
+    """The test phase again on finished folds: with unchanged code each metrics.json comes back identical (the
+    re-test is train.py's test phase); with a post-processing grid of one threshold, 0.7, that is the rule chosen."""
+    cv, out = load_cv(), tmp_path / "cv"
+    for fold in range(2):
+        assert train.cli(["--data", "synthetic:6x6", *TINY, "--folds", "3", "--fold", str(fold),
+                          "--out", str(out / f"fold{fold}"), "--cache-dir", str(tmp_path / "c")]) == 0
+    args = argparse.Namespace(folds=3, out=out, retest=tmp_path / "same")
+    cv.retest(args)
+    for fold in range(2):
+        before, after = (json.loads((root / f"fold{fold}" / "metrics.json").read_text()) for root in (out, args.retest))
+        assert after == before
+    assert not (args.retest / "fold2").exists()  # fold 2 never ran
+    monkeypatch.setattr(inference, "THRESHOLDS", (0.7,))
+    cv.retest(argparse.Namespace(folds=3, out=out, retest=tmp_path / "new"))
+    for fold in range(2):
+        assert json.loads((tmp_path / "new" / f"fold{fold}" / "metrics.json").read_text())["post"]["wt"]["threshold"] == 0.7
