@@ -108,7 +108,7 @@ def plot_label_pairs(items: list[dict], path: Path, title: str) -> None:
 
 
 def plot_slices(items: list[dict], path: Path, title: str) -> None:
-    """A grid of overlays; each item has image, pred, truth (240 x 240), volume, slice and dice."""
+    """A grid of overlays; each item has image, pred, truth (240 x 240), volume, slice, dice and wrong (pixels)."""
     from matplotlib.patches import Patch
 
     plt = pyplot()
@@ -119,8 +119,8 @@ def plot_slices(items: list[dict], path: Path, title: str) -> None:
         ax.axis("off")
     for ax, it in zip(axes.flat, items):
         ax.imshow(overlay(it["image"].T, it["pred"].T, it["truth"].T))
-        head = f"{it['volume']} z={it['slice']}\n" + (f"Dice {it['dice']:.3f}" if not math.isnan(it["dice"]) else "none in the label")
-        ax.set_title(f"{head}, {it['wrong']} px wrong" if "wrong" in it else head, fontsize=8)
+        score = f"Dice {it['dice']:.3f}" if not math.isnan(it["dice"]) else "none in the label"
+        ax.set_title(f"{it['volume']} z={it['slice']}\n{score}, {it['wrong']} px wrong", fontsize=8)
     fig.legend(handles=[Patch(color=TP_COLOUR, label="true positive"), Patch(color=FP_COLOUR, label="false positive"),
                         Patch(color=FN_COLOUR, label="false negative")], loc="lower center", ncol=3, fontsize=9)
     fig.suptitle(title)
@@ -228,7 +228,7 @@ def figure_items(picks: list[dict], cache: data.Cache, masks: dict[str, np.ndarr
         items.append({**r, "image": data.uncrop(flair, meta["box"])[0].numpy(), "pred": masks[r["volume"]][k, i],
                       "truth": data.region_masks(label[None], [region])[0, 0], "truth_label": label,
                       "pred_label": data.labels_from_regions(masks[r["volume"]][k:k + 1], regions)[0],
-                      "dice": r[f"dice_{region}"], **({"wrong": r[f"wrong_{region}"]} if f"wrong_{region}" in r else {})})
+                      "dice": r[f"dice_{region}"], "wrong": r[f"wrong_{region}"]})
     return items
 
 
@@ -236,8 +236,7 @@ def run_figures(out: Path, cache: data.Cache, log: list[dict], records: list[dic
                 kept_epoch: int, regions: list[str] = ("wt",)) -> None:
     """A run's pictures in `out`: curves.png, overlays.png (an overview of the test slices), failures.png (the
     most wrong whole-tumour slices, pick_worst) and, with several regions, failures_<region>.png for the others,
-    from train.py's log
-    and its test evaluation (per-slice records and post-processed masks (S, R, 240, 240))."""
+    from train.py's log and its test evaluation (per-slice records and post-processed masks (S, R, 240, 240))."""
     plot_curves(log, out / "curves.png", kept_epoch)
     if not records:  # --train-on all: no test patient to picture
         return

@@ -398,11 +398,12 @@ def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndar
 
     inner = inner or {v: np.zeros(probs[v].shape, bool) for v in probs}
     true = torch.tensor([float(t.sum()) for t in truth.values()], dtype=torch.float64)
+    inner_hit = torch.tensor([float((inner[v] & truth[v].astype(bool)).sum()) for v in probs], dtype=torch.float64)
+    inner_area = torch.tensor([float(inner[v].sum()) for v in probs], dtype=torch.float64)
     best = (0.5, 0, -1.0)
     for th in THRESHOLDS:
-        inter = torch.tensor([[float((inner[v] & truth[v].astype(bool)).sum())] * len(MIN_COMPONENTS) for v in probs],
-                             dtype=torch.float64)
-        pred = torch.tensor([[float(inner[v].sum())] * len(MIN_COMPONENTS) for v in probs], dtype=torch.float64)
+        inter = inner_hit[:, None].repeat(1, len(MIN_COMPONENTS))
+        pred = inner_area[:, None].repeat(1, len(MIN_COMPONENTS))
         for v, vid in enumerate(probs):
             for p, t, fixed in zip(probs[vid] >= th, truth[vid].astype(bool), inner[vid]):
                 if not p.any():

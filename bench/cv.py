@@ -66,6 +66,12 @@ def run_fold(fold: int, args, train_args: list[str]) -> tuple[int, int, float]:
     return fold, code, time.perf_counter() - t
 
 
+def fold_cache(cfg: dict) -> data.Cache:
+    """The cache a fold trained on, from its config.json (a relative --cache-dir is relative to REPO, where train.py
+    ran)."""
+    return data.prepare(cfg["data"], cfg["size"], cfg["cache_dir"] and REPO / cfg["cache_dir"], cfg["crop"] == "on")
+
+
 def choose_postprocessing(args) -> str:
     """The --postprocess of each fold, and of a final model, chosen on the pooled validation runs (module docstring);
     with each fold's test Dice under that rule and under the fold's own choice (on its two validation patients)."""
@@ -78,8 +84,7 @@ def choose_postprocessing(args) -> str:
         if cfg.get("train_on", "train") != "train":
             raise SystemExit(f"cv.py: error: fold {fold} trained on its validation patients (--train-on "
                              f"{cfg['train_on']}): nothing can be chosen on them")
-        cache_dir = cfg["cache_dir"] and REPO / cfg["cache_dir"]  # train.py ran in REPO
-        cache = data.prepare(cfg["data"], cfg["size"], cache_dir, cfg["crop"] == "on")
+        cache = fold_cache(cfg)
         predictor = inference.Predictor.from_checkpoints([run / "best.pt"], device)
         for vid, p in inference.volume_probs(predictor, cache, split["val"]).items():
             probs[f"{fold}/{vid}"], truth[f"{fold}/{vid}"] = p, cache.full_labels(vid)
@@ -126,7 +131,7 @@ def retest(args) -> None:
         cfg = train.TrainConfig(**{**{k: v for k, v in stored.items() if k in names}, "out": str(dst), "device": "cpu"})
         device = torch.device("cpu")
         run = train.Run(device, inference.resolve_speed(device, cfg.amp, cfg.channels_last, cfg.compile), dst)
-        cache = data.prepare(cfg.data, cfg.size, cfg.cache_dir and REPO / cfg.cache_dir, cfg.crop == "on")
+        cache = fold_cache(stored)
         log = [json.loads(line) for line in (dst / "log.jsonl").read_text().splitlines()]
         epochs = json.loads((src / "metrics.json").read_text()).get("epochs", len(log))
         print(f"fold {fold}: ", end="", flush=True)
