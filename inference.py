@@ -22,7 +22,6 @@ from unet import UNet, UNetConfig
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_COMPONENTS = (0, 10, 25, 50, 100, 200, 400)  # pixels at 240 x 240
-HD95_TIE = 0.005  # the largest-3D rule is taken when its validation Dice is this close to the best and its HD95 lower
 MIN_VOLUMES = (0, 50, 100, 200, 500, 1000, 2000)  # voxels: a region predicted smaller than this is removed
 UNCHOSEN = {"threshold": 0.5, "min_component": 0, "largest_3d": False, "min_volume": 0}  # a region's post-processing
 CHECKPOINT_KEYS = ("model", "unet", "channels", "context", "size", "crop")
@@ -389,8 +388,7 @@ def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndar
                           inner: dict[str, np.ndarray] | None = None) -> tuple[dict, float]:
     """The post-processing (threshold, minimum component size, largest 3D component or not) with the best mean
     per-volume Dice on these volumes, and that Dice. Ties go to the first setting tried (lower threshold, smaller
-    size), except the largest-3D rule: within HD95_TIE of the best Dice, the lower mean HD95 decides (a far speck
-    costs Dice little and HD95 much). `inner`: per volume, a mask always added to the result (the inner regions that
+    size, no largest-3D rule). `inner`: per volume, a mask always added to the result (the inner regions that
     nesting adds to an outer one, postprocess_regions), so the choice is scored on the mask that is evaluated.
 
     Components are labelled once per threshold; every size cut is then a sum over component areas (outside
@@ -426,17 +424,9 @@ def choose_postprocessing(probs: dict[str, np.ndarray], truth: dict[str, np.ndar
     th, m, score = best
     largest = [metrics.dice_score(torch.from_numpy(postprocess(probs[v].astype(np.float32), th, m, True) | inner[v])[None],
                                   torch.from_numpy(truth[v].astype(bool))[None]).item() for v in probs]
-    with_largest = metrics.nanmean(largest)
-    use_largest = with_largest > score + 1e-9
-    if not use_largest and with_largest >= score - HD95_TIE:  # Dice cannot tell: the lower HD95 decides
-
-        def mean_hd95(largest_3d: bool) -> float:
-            return float(np.mean([metrics.hd95(postprocess(probs[v].astype(np.float32), th, m, largest_3d) | inner[v],
-                                               truth[v].astype(bool)) for v in probs if truth[v].any()]))
-
-        use_largest = mean_hd95(True) < mean_hd95(False)
+    use_largest = metrics.nanmean(largest) > score + 1e-9
     return {"threshold": th, "min_component": m, "largest_3d": use_largest, "min_volume": 0}, \
-        with_largest if use_largest else score
+        max(score, metrics.nanmean(largest))
 
 
 def choose_min_volume(probs: dict[str, np.ndarray], truth: dict[str, np.ndarray], post: dict,

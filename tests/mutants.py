@@ -60,10 +60,6 @@ MUTANTS = [
      "metrics.dice_score(torch.from_numpy((m if m.sum() >= min_volume else np.zeros_like(m)) | inner[v])[None], "
      "torch.from_numpy(truth[v])[None]).nan_to_num(0).item()",
      "tests/test_evaluation.py -k volume"),
-    ("the largest-3D rule by the higher HD95", "inference.py", "use_largest = mean_hd95(True) < mean_hd95(False)",
-     "use_largest = mean_hd95(True) > mean_hd95(False)", "tests/test_evaluation.py"),
-    ("no HD95 tie-break: Dice alone decides the largest-3D rule", "inference.py",
-     "if not use_largest and with_largest >= score - HD95_TIE:", "if False:", "tests/test_evaluation.py"),
     ("the region choice ignores what nesting adds", "inference.py", "post[region], _ = choose_postprocessing(p, t, inner)",
      "post[region], _ = choose_postprocessing(p, t)", "tests/test_evaluation.py -k nested"),
     ("the region choice nests outer regions into inner ones", "inference.py",
