@@ -211,6 +211,13 @@ MUTANTS = [
     ("test-time flips undone on the wrong axis", "inference.py", "logits.flip(dims) if dims else logits",
      "logits.flip([-1 - (-d % 2) for d in dims]) if dims else logits",
      "tests/test_predict.py::test_flips_and_models_average_against_a_float64_reference"),
+    # the learning curve (bench/learning_curve.py)
+    ("the learning curve extrapolated with b's sign flipped", "bench/learning_curve.py", "return a - b * n ** -c",
+     "return a + b * n ** -c", "tests/test_learning_curve.py"),
+    ("the learning curve's N taken from the split's training patients, not those trained on", "bench/learning_curve.py",
+     'len(split.get("trained_on", split["train"]))', 'len(split["train"])', "tests/test_learning_curve.py -k report"),
+    ("the learning curve's folds fitted on the pooled means", "bench/learning_curve.py",
+     "fit_power(ns, per_fold[f])", "fit_power(ns, means)", "tests/test_learning_curve.py -k report"),
     # figures
     ("--against compares with the wrong run's patients", "bench/cv.py", "pairs = [(r[\"dice\"], theirs[r[\"id\"]]) for r in rows if r[\"id\"] in theirs]",
      "pairs = [(r[\"dice\"], r[\"dice\"]) for r in rows if r[\"id\"] in theirs]", "tests/test_cv.py -k against"),
