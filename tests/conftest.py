@@ -17,6 +17,17 @@ SAMPLE = ROOT.parent / "shared" / "data" / "brats-sample"
 SAMPLE_CASES = ("Brats18_CBICA_ABM_1", "Brats18_2013_3_1", "Brats18_TCIA02_135_1")
 
 
+def load_bench(name: str):
+    """bench/NAME.py as a module (its folder on the path, as when it runs as a script)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     if not SAMPLE.is_dir():

@@ -1,25 +1,18 @@
 """bench/cv.py: the post-processing of a fold is never chosen on its own test patients."""
 import argparse
-import importlib.util
 import json
-import sys
 
 import pytest
 
 import inference
 import train
-from conftest import ROOT
+from conftest import load_bench
 
 TINY = ["--size", "32", "--epochs", "1", "--base", "4", "--depth", "2", "--batch-size", "8", "--device", "cpu"]
 
 
 def load_cv():
-    """bench/cv.py as a module (its folder on the path, as when it runs as a script)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("cv", ROOT / "bench" / "cv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("cv")
 
 
 def test_choose_postprocess_pools_validation_runs_without_the_folds_test_patients(tmp_path, monkeypatch):

@@ -1,20 +1,15 @@
 """bench/learning_curve.py: the fit of Dice against training patients, and the report over cross-validations."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_bench
 
 
 def load():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "bench" / "learning_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("learning_curve")
 
 
 def on_curve(n: float) -> float:
