@@ -45,10 +45,14 @@ def resolve_device(name: str) -> torch.device:
         raise data.UserError(f"--device {name}: {e}") from None
 
 
-def cpu_bf16_flags() -> list[str]:
-    """The CPU's native bf16 instruction sets (AVX512-BF16, AMX-BF16) from /proc/cpuinfo; empty when none (or unknown)."""
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo", capability: str | None = None) -> list[str]:
+    """The CPU's native bf16 instruction sets (AVX512-BF16, AMX-BF16) from /proc/cpuinfo; empty when none (or unknown),
+    and empty when PyTorch's kernels are held below AVX512 (ATEN_CPU_CAPABILITY=avx2 makes such a CPU an AVX2 one)."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return []
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
@@ -87,7 +91,8 @@ def resolve_speed(device: torch.device, amp: str = "auto", channels_last: str = 
         else:
             native = cpu_bf16_flags()
             amp = "bf16" if native else "off"
-            why.append(f"CPU has {' and '.join(native)}: bf16" if native else "CPU has no native bf16: fp32")
+            why.append(f"CPU has {' and '.join(native)}: bf16" if native else
+                       f"CPU has no native bf16 for PyTorch's {torch.backends.cpu.get_cpu_capability()} kernels: fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     if channels_last == "auto":
         channels_last = "on" if device.type == "cuda" else "off"

@@ -416,6 +416,8 @@ MUTANTS = [
     ("the seed baseline reads the slice itself as its lower neighbour", "bench/throughput.py",
      "for z in range(k - self.context, k)]", "for z in range(k - self.context + 1, k + 1)]",
      "tests/test_gpu_sh.py -k neighbours"),
+    ("bf16 counted native when PyTorch's kernels are held at AVX2", "inference.py",
+     'if capability != "AVX512":', 'if capability == "DEFAULT":', "tests/test_train.py -k cpu_bf16_flags"),
     # bench/cpu_speed.py
     ("cpu_speed's compiled rows time an uncompiled evaluation", "bench/cpu_speed.py",
      "eval_model = torch.compile(model) if speed.compile else model", "eval_model = model",

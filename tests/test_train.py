@@ -510,6 +510,17 @@ def test_cpu_speed_settings_follow_native_bf16(monkeypatch, flags, amp, channels
     assert forced.amp == torch.bfloat16 and forced.channels_last
 
 
+def test_cpu_bf16_flags_read_cpuinfo_and_need_avx512_kernels(tmp_path):
+    """Native bf16 is the cpuinfo flags, and none when PyTorch dispatches below AVX512 (an ISA held at AVX2)."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 avx512_bf16 amx_tile\n\n")
+    assert inference.cpu_bf16_flags(str(info), "AVX512") == ["avx512_bf16", "amx_bf16"]
+    assert inference.cpu_bf16_flags(str(info), "AVX2") == []
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n\n")
+    assert inference.cpu_bf16_flags(str(info), "AVX512") == []
+    assert inference.cpu_bf16_flags(str(tmp_path / "missing"), "AVX512") == []
+
+
 def speed_rows(report: str) -> list[list[str]]:
     return [[c.strip() for c in line.split("|")[1:-1]] for line in report.splitlines()
             if line.startswith("| off") or line.startswith("| bf16")]
