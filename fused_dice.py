@@ -70,21 +70,18 @@ def dice_bce_loss_reference(
     smooth: float = 1.0,
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
-    per_image: bool = False,
 ) -> torch.Tensor:
     """Plain-PyTorch Dice+BCE; the oracle. Computes in float32, or float64 when logits are float64.
 
-    One Dice per channel (dim 1) over the whole batch, then their mean (per_image: one Dice per sample and
-    channel, then their mean, so a slice with a small tumour weighs as much as one with a large); BCE the mean
-    over all elements.
+    One Dice per channel (dim 1) over the whole batch, then their mean; BCE the mean over all elements.
     """
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(dt)
     y = target.to(dt)
     bce = F.binary_cross_entropy_with_logits(x, y, reduction="mean")
     p = torch.sigmoid(x)
-    dims = [d for d in range(x.dim()) if d != 1 and not (per_image and d == 0)]  # sums per channel (and sample)
-    dice = (2.0 * (p * y).sum(dims) + smooth) / (p.sum(dims) + y.sum(dims) + smooth)  # (C,) or (N, C); () for 1-D
+    dims = [d for d in range(x.dim()) if d != 1]  # every dim but the channel: sums per channel over the batch
+    dice = (2.0 * (p * y).sum(dims) + smooth) / (p.sum(dims) + y.sum(dims) + smooth)  # (C,); () for 1-D logits
     return bce_weight * bce + dice_weight * (1.0 - dice.mean())
 
 
@@ -440,25 +437,19 @@ def dice_bce_loss(
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
     backend: str = "auto",
-    per_image: bool = False,
 ) -> torch.Tensor:
     """Dice+BCE loss on raw logits of shape (N, C, ...) or (N,); returns a float32 0-d tensor.
 
     loss = bce_weight * BCE + dice_weight * (1 - mean_c Dice_c): one soft Dice per channel c (dim 1) over the
     whole batch, `smooth` added to its numerator and denominator, averaged over the C channels (one channel for
     (N,) or (N, 1, ...): one Dice over the whole batch); BCE the mean over all elements.
-    per_image=True: one Dice per sample and channel, then their mean (the plain reference only: a lever under
-    test, records/levers-32.md).
     backend="triton": fused kernels (at most MAX_CHANNELS channels); "torch": the plain reference;
-    "auto": Triton on CUDA tensors (the reference with per_image).
+    "auto": Triton on CUDA tensors.
     """
     _validate(logits, target, backend)
-    if per_image and backend == "triton":
-        raise ValueError("per_image: the Triton kernels compute one Dice per channel over the batch; use backend='torch'")
     if backend == "auto":
-        backend = "triton" if HAS_TRITON and logits.device.type == "cuda" and not per_image else "torch"
+        backend = "triton" if HAS_TRITON and logits.device.type == "cuda" else "torch"
     if backend == "torch":
-        return dice_bce_loss_reference(logits, target, smooth=smooth, bce_weight=bce_weight, dice_weight=dice_weight,
-                                       per_image=per_image)
+        return dice_bce_loss_reference(logits, target, smooth=smooth, bce_weight=bce_weight, dice_weight=dice_weight)
     loss, _ = _dice_bce_fwd(logits, target, float(smooth), float(bce_weight), float(dice_weight))
     return loss

@@ -97,9 +97,6 @@ class TrainConfig:
                                      "joined by / (e.g. 0.3,50,on or 0.4,25,on/0.5,25,on/0.5,0,off,200)")
     bce_weight: float = option(1.0, "weight of BCE in the loss")
     dice_weight: float = option(1.0, "weight of 1 - Dice in the loss")
-    loss_mode: str = option("batch", "batch: one soft Dice per region over the whole batch; image: one per slice and "
-                            "region, then their mean (the eager loss only; a lever under test, records/levers-32.md)",
-                            ("batch", "image"))
     # augmentation (on the device)
     augment: str = option("on", f"random flips, 90 degree rotations, brain intensities scaled by 1 ± {INTENSITY} and "
                                 f"shifted by ± {INTENSITY}", ON_OFF)
@@ -192,8 +189,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise data.UserError("--modality-dropout needs more than one modality: it cannot be used with --channel")
     if cfg.channel is not None and not 0 <= cfg.channel < len(data.CHANNELS):
         raise data.UserError(f"--channel must be in 0..{len(data.CHANNELS) - 1} ({', '.join(data.CHANNELS)}), got {cfg.channel}")
-    if cfg.loss_mode == "image" and cfg.loss_backend == "triton":
-        raise data.UserError("--loss-mode image is computed by the eager loss only: use --loss-backend auto or torch")
     if cfg.folds and not 0 <= cfg.fold < cfg.folds:
         raise data.UserError(f"--fold must be in 0..{cfg.folds - 1} with --folds {cfg.folds}, got {cfg.fold}")
     if cfg.time_budget and cfg.warmup < 1:
@@ -388,7 +383,7 @@ def make_train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sc
         with torch.autocast(device.type, dtype=speed.amp or torch.float32, enabled=speed.amp is not None):
             logits = model(x)
         loss = dice_bce_loss(logits, y, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
-                             backend=cfg.loss_backend, per_image=cfg.loss_mode == "image")
+                             backend=cfg.loss_backend)
         return loss, logits.detach()
 
     forward = torch.compile(forward_loss) if speed.compile else forward_loss
@@ -518,8 +513,7 @@ def validate(model: torch.nn.Module, val_set: feed.SliceSet, cfg: TrainConfig, r
     regions = data.TARGETS[cfg.target]
     logits = inference.predict_logits(model, val_set.images, val_set.context, run.device, batch_size, run.speed)
     masks = data.region_masks(val_set.masks.to(run.device), regions)
-    loss = dice_bce_loss(logits, masks, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight, backend="torch",
-                         per_image=cfg.loss_mode == "image")
+    loss = dice_bce_loss(logits, masks, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight, backend="torch")
     volume = val_set.volume.to(run.device)
     dice, iou = [], []
     for i in range(len(regions)):

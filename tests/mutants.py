@@ -211,11 +211,6 @@ MUTANTS = [
     ("test-time flips undone on the wrong axis", "inference.py", "logits.flip(dims) if dims else logits",
      "logits.flip([-1 - (-d % 2) for d in dims]) if dims else logits",
      "tests/test_predict.py::test_flips_and_models_average_against_a_float64_reference"),
-    # --loss-mode image (a lever under test, records/levers-32.md)
-    ("the per-image Dice sums over the batch after all", "fused_dice.py", " and not (per_image and d == 0)]", "]",
-     "tests/test_fused_dice.py -k per_image"),
-    ("--loss-mode not passed to the training step", "train.py", "backend=cfg.loss_backend, per_image=cfg.loss_mode == \"image\")",
-     "backend=cfg.loss_backend)", "tests/test_flags.py -k reaches"),
     # the learning curve (bench/learning_curve.py)
     ("the learning curve extrapolated with b's sign flipped", "bench/learning_curve.py", "return a - b * n ** -c",
      "return a + b * n ** -c", "tests/test_learning_curve.py"),

@@ -150,7 +150,7 @@ def test_the_flag_changes_what_its_help_says(flag, tmp_path, cache, baseline):
 
 def record_step_settings(monkeypatch) -> dict:
     """What train.py hands the batches, the loss and torch.compile during a run."""
-    seen = {"compile": 0, "backend": set(), "batch": set(), "per_image": set()}
+    seen = {"compile": 0, "backend": set(), "batch": set()}
     original_init, original_loss, original_augment = feed.TrainBatches.__init__, train.dice_bce_loss, feed.augment
 
     def init(self, *args, **kwargs):
@@ -159,7 +159,6 @@ def record_step_settings(monkeypatch) -> dict:
 
     def loss(*args, **kwargs):
         seen["backend"].add(kwargs.get("backend"))
-        seen["per_image"].add(kwargs.get("per_image"))
         return original_loss(*args, **kwargs)
 
     def augment(x, *args, **kwargs):
@@ -182,7 +181,6 @@ RECORDED = {
     "--resident": (["--resident", "off", "--workers", "0"], lambda s: s["resident"] is False, lambda s: s["resident"]),
     "--workers": (["--resident", "off", "--workers", "1"], lambda s: s["workers"] == 1, lambda s: s["workers"] == 2),
     "--compile": (["--compile", "on"], lambda s: s["compile"] == 2, lambda s: s["compile"] == 0),  # step and eval
-    "--loss-mode": (["--loss-mode", "image"], lambda s: s["per_image"] == {True}, lambda s: s["per_image"] == {False}),
     "--batch-size": (["--batch-size", "3"], lambda s: s["batch"] == {3}, lambda s: s["batch"] == {8}),
     "--loss-backend": (["--loss-backend", "triton"], lambda s: "triton" in s["backend"],
                        lambda s: "triton" not in s["backend"]),
@@ -195,7 +193,7 @@ def test_the_flag_reaches_what_it_sets(flag, tmp_path, cache, monkeypatch):
     seen = record_step_settings(monkeypatch)
     tiny_run(tmp_path, cache, name="plain")
     assert without(seen), (flag, seen)
-    seen.update(compile=0, backend=set(), batch=set(), per_image=set())
+    seen.update(compile=0, backend=set(), batch=set())
     tiny_run(tmp_path, cache, *values, name="flagged")
     assert with_flag(seen), (flag, seen)
 

@@ -778,24 +778,6 @@ def test_value_errors(backend, logits, target, kwargs, argname, expected):
     assert expected in str(err.value)
 
 
-def test_per_image_exact_and_refused_by_the_kernels():
-    # the two samples of test_two_samples_exact, one Dice each: sample 0 (y = 0): I = 0, P = 1, Y = 0 ->
-    # (0 + 1) / (1 + 0 + 1) = 1/2; sample 1 (y = 1): I = 1, P = 1, Y = 2 -> (2 + 1) / (1 + 2 + 1) = 3/4; mean 5/8.
-    # Gradient: BCE (p - y)/4 as there; the Dice term -(1/2) dD_n/dp p(1 - p), dD_n/dp = (2y S_n - (2I_n + 1)) / S_n^2:
-    #   sample 0, S = 2: dD/dp = -1/4 -> 1/8 + 1/32 = 5/32;  sample 1, S = 4: dD/dp = 5/16 -> -1/8 - 5/128 = -21/128
-    logits = torch.zeros(2, 1, 1, 2, dtype=torch.float64, requires_grad=True)
-    target = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64).reshape(2, 1, 1, 2)
-    loss = fd.dice_bce_loss_reference(logits, target, per_image=True)
-    loss.backward()
-    assert loss.item() == pytest.approx(math.log(2) + 1 - 5 / 8, rel=1e-12)
-    torch.testing.assert_close(logits.grad[0], torch.full_like(logits.grad[0], 5 / 32))
-    torch.testing.assert_close(logits.grad[1], torch.full_like(logits.grad[1], -21 / 128))
-    f32 = torch.zeros(2, 1, 1, 2)
-    assert fd.dice_bce_loss(f32, target.float(), per_image=True).item() == pytest.approx(math.log(2) + 1 - 5 / 8)
-    with pytest.raises(ValueError, match=r"^per_image: the Triton kernels compute one Dice per channel"):
-        fd.dice_bce_loss(f32, target.float(), backend="triton", per_image=True)
-
-
 @pytest.mark.parametrize("kwargs", [{"mode": "image"}, {"weight": torch.ones(2, 4)}], ids=["mode", "weight"])
 def test_removed_arguments_are_refused(kwargs):
     # per-sample Dice and per-element BCE weights are gone: a caller still passing them must fail, not be ignored
