@@ -263,10 +263,12 @@ def claim_run_folder(cfg: TrainConfig, run: Run) -> None:
         if "metrics.json" in present:
             raise data.UserError(f"--resume {run.out}: this run is finished (metrics.json); nothing to resume")
         if "last.pt" not in present:
-            raise data.UserError(f"--resume {run.out}: no last.pt there, nothing to resume from")
+            raise data.UserError(f"--resume {run.out}: no last.pt there, nothing to resume from (a run stopped before "
+                                 f"its first epoch ended starts over: its flags with --overwrite on)")
     elif present and cfg.overwrite != "on":
         what = "a finished run (metrics.json)" if "metrics.json" in present else \
-            f"a stopped run (continue it with --resume {run.out})"
+            f"a stopped run (continue it with --resume {run.out})" if "last.pt" in present else \
+            "a run stopped before its first epoch ended (no last.pt: nothing to resume)"
         raise data.UserError(f"--out {run.out} holds {what}: pick another --out, or start over with --overwrite on")
     elif present and run.master:
         for name in present:

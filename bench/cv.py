@@ -5,7 +5,7 @@
 
 Fold i trains with `--folds K --fold i` (test = fold i, validation = fold i + 1, training = the rest), so every
 patient is a test patient exactly once and nothing is chosen on it. Folds run --jobs at a time (each with
-OMP_NUM_THREADS = cores / jobs); a fold whose metrics.json exists is not run again, one with a last.pt is resumed.
+OMP_NUM_THREADS = cores / jobs); a fold whose metrics.json exists is not run again, one with a last.pt is resumed, any other starts over.
 The report (stdout and OUT/cv.md): one row per patient (fold, site, Dice, IoU, HD95, tumour volume; with --target
 regions each region's Dice and HD95), then mean, std and min over patients, over each site (data.site_of) and over
 each --group NAME=ID,ID,... and the rest, with the folds' wall times; --against OTHER_OUT compares each patient's
@@ -58,7 +58,7 @@ def run_fold(fold: int, args, train_args: list[str]) -> tuple[int, int, float]:
         return fold, 0, 0.0
     cmd = [sys.executable, str(REPO / "train.py")]
     cmd += ["--resume", str(out)] if (out / "last.pt").exists() else \
-        [*train_args, "--folds", str(args.folds), "--fold", str(fold), "--out", str(out)]
+        [*train_args, "--folds", str(args.folds), "--fold", str(fold), "--out", str(out), "--overwrite", "on"]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
     t = time.perf_counter()
     with open(args.out / f"fold{fold}.log", "a") as log:

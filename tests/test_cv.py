@@ -131,3 +131,17 @@ def test_retest_reproduces_each_fold_and_then_follows_the_current_code(tmp_path,
     cv.retest(argparse.Namespace(folds=3, out=out, retest=tmp_path / "new"))
     for fold in range(2):
         assert json.loads((tmp_path / "new" / f"fold{fold}" / "metrics.json").read_text())["post"]["wt"]["threshold"] == 0.7
+
+
+def test_a_fold_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    """A fold folder holding only what train.py writes before epoch 1 ends (a SIGKILL then leaves config.json and
+    split.json, no last.pt) has nothing to resume: run_fold starts the fold over and it finishes."""
+    cv, out = load_cv(), tmp_path / "cv"
+    stopped = out / "fold0"
+    stopped.mkdir(parents=True)
+    for name in ("config.json", "split.json"):
+        (stopped / name).write_text("{}")
+    args = argparse.Namespace(folds=3, out=out, jobs=1)
+    fold, code, _ = cv.run_fold(0, args, ["--data", "synthetic:6x6", *TINY, "--cache-dir", str(tmp_path / "c")])
+    assert (fold, code) == (0, 0), (out / "fold0.log").read_text()
+    assert json.loads((stopped / "config.json").read_text())["fold"] == 0 and (stopped / "metrics.json").is_file()

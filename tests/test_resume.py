@@ -174,6 +174,20 @@ def test_resume_refuses_a_conflicting_flag_and_a_folder_without_a_run(reference,
     assert code == 2 and "config.json" in err
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_named_so(reference, cache, tmp_path):
+    """A SIGKILL during epoch 1 leaves config.json and split.json, no last.pt: the refusal says there is nothing to
+    resume and points to --overwrite on, not to a --resume that would fail."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.json", "split.json"):
+        (out / name).write_bytes((reference / name).read_bytes())
+    code, err = run_in_process([*ARGS, "--cache-dir", str(cache), "--out", str(out)])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "before its first epoch ended" in err and "--overwrite on" in err and "--resume" not in err
+    code, err = run_in_process(["--resume", str(out)])
+    assert code == 2 and err.count("\n") == 1 and "no last.pt" in err and "--overwrite on" in err
+
+
 def test_a_crash_in_the_test_phase_keeps_the_checkpoints(cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
