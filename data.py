@@ -301,6 +301,8 @@ def normalise_volume(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise DataError("image has NaN or infinite voxels")
     per_slice -= background
     brain = (x > 0).any(0)
+    if not brain.any():
+        raise DataError("image has no brain: every voxel is at its slice's background value")
     values = x[:, brain]  # (C, brain voxels)
     for v in values:
         lo, hi = np.percentile(v, (0.5, 99.5))
@@ -554,6 +556,10 @@ def prepare(spec: str, size: int, cache_dir: Path | None = None, crop_to_brain: 
         raise DataError(f"--size must be positive, got {size}")
     kind, arg = parse_source(spec)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the cache folder {cache_dir} (--cache-dir): {e.strerror or e}") from None
     if kind == "synthetic":
         n_vol, n_sl = (int(t) for t in arg.split("x")) if arg else DEFAULT_SYNTHETIC
         if n_vol < 1 or n_sl < 1:

@@ -143,6 +143,8 @@ def load_checkpoint(path: str | Path, device: torch.device) -> tuple[UNet, dict]
     train.py checkpoint."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if "progress" in ckpt:
+            raise ValueError("a training state for --resume (last.pt), not a model: use the run's best.pt")
         missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
         if missing:
             raise KeyError(f"lacks {', '.join(missing)}: not a train.py checkpoint")

@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size <= 0:
         raise data.UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise data.UserError(f"--threshold must be between 0 and 1 (a probability), got {args.threshold}")
+    if args.min_component is not None and args.min_component < 0:
+        raise data.UserError(f"--min-component must not be negative, got {args.min_component}")
     return args
 
 

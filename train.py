@@ -122,7 +122,7 @@ class TrainConfig:
     out: str = option("runs/latest", "the run folder; one that holds a run is refused unless --overwrite on")
     resume: str | None = option(None, "continue the stopped run in this folder from its last.pt, with its own config",
                                 type=str)
-    overwrite: str = option("off", "start over in an --out that holds a run (its files are deleted first)", ON_OFF)
+    overwrite: str = option("off", "start over in an --out that holds a run (its files are deleted once the data is checked)", ON_OFF)
 
 
 RESUME_MAY_CHANGE = ("device", "workers", "cache_dir", "resume", "overwrite")  # the rest must match the run's
@@ -163,7 +163,7 @@ def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
         raise data.UserError(f"--resume {run_dir}: cannot read its config.json ({type(e).__name__}): not a run folder?") from None
     given.setdefault("out", str(run_dir))
     for key, value in given.items():
-        same = Path(value) == run_dir if key == "out" else stored.get(key) == value
+        same = Path(value).resolve() == run_dir.resolve() if key == "out" else stored.get(key) == value
         if key not in RESUME_MAY_CHANGE and not same:
             raise data.UserError(f"--{key.replace('_', '-')} {value} conflicts with the resumed run's own "
                                  f"{stored.get(key) if key != 'out' else run_dir}: --resume continues a run with its config")
@@ -173,9 +173,15 @@ def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """Raise a UserError naming the first flag with a bad value."""
+    for name, value in asdict(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise data.UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name in ("size", "epochs", "batch_size", "base", "depth"):
         if getattr(cfg, name) <= 0:
             raise data.UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.size >> cfg.depth < 2:
+        raise data.UserError(f"--depth {cfg.depth} halves --size {cfg.size} to under 2 px at the bottom of the U-Net: "
+                             f"use a smaller --depth or a larger --size")
     for name in ("patience", "context", "workers", "folds", "warmup", "weight_decay", "time_budget", "seed",
                  "train_seed", "train_patients"):
         value = getattr(cfg, name)
@@ -256,8 +262,10 @@ RUN_FILES = ("config.json", "split.json", "log.jsonl", "best.pt", "last.pt", "me
 
 
 def claim_run_folder(cfg: TrainConfig, run: Run) -> None:
-    """Never overwrite a run silently: an --out that holds one is refused unless --overwrite on (which deletes the
-    old run's files first); --resume needs a stopped run there."""
+    """Never overwrite a run silently: an --out that holds one is refused unless --overwrite on (whose old files
+    load_data deletes once the new run's data is known to be good); --resume needs a stopped run there."""
+    if run.out.exists() and not run.out.is_dir():
+        raise data.UserError(f"--out {run.out} is a file, not a folder")
     present = [name for name in RUN_FILES if (run.out / name).exists()]
     if cfg.resume:
         if "metrics.json" in present:
@@ -270,9 +278,6 @@ def claim_run_folder(cfg: TrainConfig, run: Run) -> None:
             f"a stopped run (continue it with --resume {run.out})" if "last.pt" in present else \
             "a run stopped before its first epoch ended (no last.pt: nothing to resume)"
         raise data.UserError(f"--out {run.out} holds {what}: pick another --out, or start over with --overwrite on")
-    elif present and run.master:
-        for name in present:
-            (run.out / name).unlink()
 
 
 def tune_cuda() -> None:
@@ -321,7 +326,13 @@ def load_data(cfg: TrainConfig, run: Run) -> tuple[data.Cache, dict, feed.TrainB
         raise data.DataError(f"the validation patients ({', '.join(split['val'])}) have no tumour, so nothing can be "
                              f"chosen on them (--select best / --postprocess val): use more volumes or another --seed")
     if run.master and not cfg.resume:
-        run.out.mkdir(parents=True, exist_ok=True)
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise data.UserError(f"--out {run.out}: cannot create the run folder: {e.strerror or e}") from None
+        for name in RUN_FILES:  # --overwrite on: the old run goes only now (claim_run_folder refused it otherwise)
+            if (run.out / name).exists():
+                (run.out / name).unlink()
         for name, obj in (("config.json", asdict(cfg)), ("split.json", split)):
             with data.atomic_path(run.out / name) as tmp:
                 tmp.write_text(json.dumps(obj, indent=2))
@@ -498,8 +509,9 @@ def train_epoch(train_step, batches: feed.TrainBatches, epoch: int, run: Run, pr
     seconds = time.perf_counter() - t0
     if 0 <= first_bad < math.inf:
         raise data.UserError(f"the loss became NaN or infinite at epoch {epoch}, step {int(first_bad) + 1} of "
-                             f"{len(batches)}: training stopped; the last good checkpoint is {run.out / 'last.pt'} "
-                             f"(end of epoch {epoch - 1}); try a lower --lr")
+                             f"{len(batches)}: training stopped; " + (
+                                 f"the last good checkpoint is {run.out / 'last.pt'} (end of epoch {epoch - 1})"
+                                 if epoch > 1 else "no checkpoint was written yet") + "; try a lower --lr")
     inter, pred, true = torch.tensor(inter), torch.tensor(pred), torch.tensor(true)
     return {"train_loss": loss / (len(batches) * run.world), "train_dice": metrics.dice_from_counts(inter, pred, true).item(),
             "train_iou": metrics.iou_from_counts(inter, pred, true).item(), "seconds": seconds,
@@ -640,11 +652,11 @@ def fit_budget(cfg: TrainConfig, run: Run, epoch_s: float, steps_per_epoch: int,
 
 
 def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[dict],
-         epochs: int) -> tuple[list[dict], dict, int]:
+         epochs: int) -> tuple[dict, list[dict], dict, int]:
     """Choose the post-processing on the validation patients (unless --postprocess fixes it; saved into best.pt),
-    then evaluate the test patients once; writes metrics.json. Returns the per-slice rows and masks of the test
-    patients and the epoch of the model tested, for the figures. With --train-on all there is no test patient:
-    metrics.json says so ("test": null) and the figures are the curves alone."""
+    then evaluate the test patients once. Returns what metrics.json will hold, and the per-slice rows and masks of
+    the test patients and the epoch of the model tested, for the figures. With --train-on all there is no test
+    patient: metrics.json says so ("test": null) and the figures are the curves alone."""
     regions = list(data.TARGETS[cfg.target])
     predictor = inference.Predictor.from_checkpoints([run.out / "best.pt"], run.device, 2 * cfg.batch_size,
                                                      speed=dataclasses.replace(run.speed, compile=False))
@@ -659,20 +671,16 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
     if cfg.train_on == "all":
         result = {"test": None, "regions": regions, "post": post, "train_on": cfg.train_on, "best_epoch": kept,
                   "epochs_run": len(log), "epochs": epochs, "data": cfg.data, "trained_on": len(split["trained_on"])}
-        with data.atomic_path(run.out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
         print(f"trained on all {len(split['trained_on'])} patients (model of epoch {kept}, --postprocess "
               f"{inference.format_postprocess(post, regions)}): no unseen patient to test; the cross-validation of the "
               f"same command is this model's estimate")
-        return [], {}, kept
+        return result, [], {}, kept
     summary, records, masks = inference.evaluate(inference.volume_probs(predictor, cache, split["test"]), cache, post,
                                                  regions)
     result = {"test": summary, "regions": regions, "post": post, "val_dice_at_choice": val_best, "train_on": cfg.train_on,
               "best_epoch": kept, "epochs_run": len(log), "epochs": epochs, "time_budget_min": cfg.time_budget,
               "data": cfg.data, "channels": [data.CHANNELS[c] for c in channel_list(cfg.channel)], "size": cfg.size,
               "folds": cfg.folds, "fold": cfg.fold, "split": split}
-    with data.atomic_path(run.out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
     print(f"test ({summary['volumes']} unseen patients, 240x240): volume Dice {summary['volume_dice']:.4f} ± "
           f"{summary['volume_dice_std']:.4f} (min {summary['volume_dice_min']:.4f}), IoU {summary['volume_iou']:.4f}, "
           f"HD95 {summary['hd95_mm']:.2f} mm; slice Dice {summary['slice_dice']:.4f} on {summary['tumour_slices']} "
@@ -682,7 +690,13 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
         print("test per region: " + "; ".join(f"{r.upper()} Dice {m['dice']:.4f} (min {m['dice_min']:.4f}), IoU "
                                               f"{m['iou']:.4f}, HD95 {m['hd95_mm']:.2f} mm"
                                               for r, m in summary["regions"].items()))
-    return records, masks, kept
+    return result, records, masks, kept
+
+
+def save_metrics(out: Path, result: dict) -> None:
+    """metrics.json, the mark of a finished run (--resume refuses it): written once the figures are drawn."""
+    with data.atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -703,8 +717,9 @@ def main(cfg: TrainConfig) -> None:
     if not run.master:
         return
     try:
-        records, masks, kept_epoch = test(cfg, run, cache, split, log, epochs)
+        result, records, masks, kept_epoch = test(cfg, run, cache, split, log, epochs)
         figures.run_figures(run.out, cache, log, records, masks, kept_epoch, list(data.TARGETS[cfg.target]))
+        save_metrics(run.out, result)  # last: a run with metrics.json is finished
     except data.UserError:
         raise
     except Exception as e:  # training is done and its checkpoints are safe: say so in one line

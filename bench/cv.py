@@ -62,14 +62,14 @@ def run_fold(fold: int, args, train_args: list[str]) -> tuple[int, int, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.jobs))}
     t = time.perf_counter()
     with open(args.out / f"fold{fold}.log", "a") as log:
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     return fold, code, time.perf_counter() - t
 
 
 def fold_cache(cfg: dict) -> data.Cache:
-    """The cache a fold trained on, from its config.json (a relative --cache-dir is relative to REPO, where train.py
-    ran)."""
-    return data.prepare(cfg["data"], cfg["size"], cfg["cache_dir"] and REPO / cfg["cache_dir"], cfg["crop"] == "on")
+    """The cache a fold trained on, from its config.json (its relative paths, like train.py's, relative to the
+    folder cv.py runs in)."""
+    return data.prepare(cfg["data"], cfg["size"], cfg["cache_dir"], cfg["crop"] == "on")
 
 
 def choose_postprocessing(args) -> str:
@@ -91,6 +91,8 @@ def choose_postprocessing(args) -> str:
         runs[fold] = (split["test"], predictor, cache, {v["id"]: v["dice"] for v in result["test"]["per_volume"]})
         regions = predictor.regions
         print(f"fold {fold}: validation probabilities of {', '.join(split['val'])}", flush=True)
+    if not runs:
+        raise data.UserError(f"no finished fold in {args.out} (fold<i>/metrics.json) to choose on")
 
     def rule(keys: list[str]) -> tuple[dict, str]:
         post, dice = inference.choose_region_postprocessing({k: probs[k] for k in keys}, {k: truth[k] for k in keys},
@@ -135,7 +137,8 @@ def retest(args) -> None:
         log = [json.loads(line) for line in (dst / "log.jsonl").read_text().splitlines()]
         epochs = json.loads((src / "metrics.json").read_text()).get("epochs", len(log))
         print(f"fold {fold}: ", end="", flush=True)
-        train.test(cfg, run, cache, json.loads((dst / "split.json").read_text()), log, epochs)
+        result = train.test(cfg, run, cache, json.loads((dst / "split.json").read_text()), log, epochs)[0]
+        train.save_metrics(dst, result)
 
 
 def summary_rows(name: str, rows: list[dict], regions: list[str]) -> list[str]:
@@ -158,6 +161,9 @@ def read_folds(out: Path, folds: int) -> tuple[list[dict], dict, list[str]]:
         if not path.exists():
             continue
         result = json.loads(path.read_text())
+        if result["test"] is None:
+            raise data.UserError(f"fold {fold} in {out} trained on every patient (--train-on all): no test patient to "
+                                 f"report")
         log = [json.loads(line) for line in (out / f"fold{fold}" / "log.jsonl").read_text().splitlines()]
         walls[fold] = sum(r["seconds"] for r in log)
         fold_regions, post = inference.region_post(result)  # either metrics.json format
@@ -226,7 +232,15 @@ def group(text: str) -> tuple[str, set[str]]:
 
 
 def main() -> int:
-    argv = sys.argv[1:]
+    try:
+        return cross_validate(sys.argv[1:])
+    except data.UserError as e:
+        print(f"cv.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cross_validate(argv: list[str]) -> int:
+    """The command line of cv.py: run the folds (or re-test them, or choose their post-processing), then report."""
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -246,12 +260,15 @@ def main() -> int:
     p.add_argument("--choose-postprocess", action="store_true",
                    help="do not run folds: choose --postprocess on the finished folds' pooled validation patients")
     args = p.parse_args(argv)
+    if args.folds < 2 or args.jobs < 1:
+        p.error(f"--folds must be at least 2 and --jobs at least 1, got {args.folds} and {args.jobs}")
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     if args.choose_postprocess:
         text = choose_postprocessing(args)
         print(text)
-        (args.out / "postprocess.md").write_text(text)
+        with data.atomic_path(args.out / "postprocess.md") as tmp:
+            tmp.write_text(text)
         return 0
     if args.retest:
         retest(args)
@@ -266,7 +283,8 @@ def main() -> int:
                     failed.append(fold)
     text = report(args)
     print(text)
-    (args.out / "cv.md").write_text(text)
+    with data.atomic_path(args.out / "cv.md") as tmp:
+        tmp.write_text(text)
     return 1 if failed else 0
 
 

@@ -1,12 +1,15 @@
 """bench/cv.py: the post-processing of a fold is never chosen on its own test patients."""
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
+import data
 import inference
 import train
-from conftest import load_bench
+from conftest import ROOT, load_bench
 
 TINY = ["--size", "32", "--epochs", "1", "--base", "4", "--depth", "2", "--batch-size", "8", "--device", "cpu"]
 
@@ -145,3 +148,30 @@ def test_a_fold_killed_before_its_first_checkpoint_starts_over(tmp_path):
     fold, code, _ = cv.run_fold(0, args, ["--data", "synthetic:6x6", *TINY, "--cache-dir", str(tmp_path / "c")])
     assert (fold, code) == (0, 0), (out / "fold0.log").read_text()
     assert json.loads((stopped / "config.json").read_text())["fold"] == 0 and (stopped / "metrics.json").is_file()
+
+
+def test_a_relative_out_from_another_folder_keeps_the_folds_beside_the_report(tmp_path):
+    """Run from outside the repository with a relative --out: the fold's run folder, its log and cv.md all land
+    in OUT relative to the folder cv.py runs in (train.py once wrote the fold relative to the repository)."""
+    here = tmp_path / "a" / "b"
+    here.mkdir(parents=True)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "cv.py"), "--folds", "3", "--only", "0", "--out",
+                           "../cv", "--", "--data", "synthetic:6x6", *TINY, "--cache-dir", str(tmp_path / "c")],
+                          cwd=here, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "a" / "cv"
+    assert (out / "fold0" / "metrics.json").is_file() and (out / "fold0.log").is_file()
+    assert "folds run: [0] of 3" in (out / "cv.md").read_text()
+
+
+def test_nothing_to_choose_on_or_to_report_is_one_line(tmp_path):
+    """--choose-postprocess without a finished fold, and a report of a --train-on all fold (no test patient): a
+    UserError naming the problem (cv.py prints it as one line), not a traceback."""
+    cv = load_cv()
+    with pytest.raises(data.UserError, match="no finished fold"):
+        cv.choose_postprocessing(argparse.Namespace(folds=2, out=tmp_path / "cv"))
+    fold = tmp_path / "cv" / "fold0"
+    fold.mkdir(parents=True)
+    (fold / "metrics.json").write_text(json.dumps({"test": None, "regions": ["wt"], "train_on": "all"}))
+    with pytest.raises(data.UserError, match="fold 0 .* trained on every patient"):
+        cv.read_folds(tmp_path / "cv", 2)

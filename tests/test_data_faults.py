@@ -188,6 +188,14 @@ def test_normalise_refuses_each_non_finite_value(bad: float) -> None:
         data.normalise_volume(image)
 
 
+def test_normalise_refuses_a_volume_without_brain() -> None:
+    """An all-zero volume (and one constant per slice: every voxel at its background) has no brain to normalise
+    over: a DataError, not numpy's IndexError from percentiles of nothing."""
+    for image in (np.zeros((3, 20, 20, 4), np.float32), np.full((3, 20, 20, 4), 7.0, np.float32)):
+        with pytest.raises(data.DataError, match="image has no brain"):
+            data.normalise_volume(image)
+
+
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="gap: non-finite voxels are refused only after reading, in normalise_volume, so the "
                           "message names the volume and its folder but not the .h5 slice file")

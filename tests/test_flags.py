@@ -200,7 +200,8 @@ def test_the_flag_reaches_what_it_sets(flag, tmp_path, cache, monkeypatch):
 
 def test_device_and_overwrite(tmp_path, cache, capsys, baseline):
     """--device cuda on a machine without CUDA is one line that names it; --overwrite on replaces a finished run's
-    files (a run with another --epochs, whose log then has that many lines), where without it the run is refused."""
+    files (a run with another --epochs, whose log then has that many lines), where without it the run is refused;
+    an --overwrite on whose data check fails leaves the old run whole."""
     if not torch.cuda.is_available():
         assert train.cli([*BASE, "--device", "cuda", "--out", str(tmp_path / "gpu")]) == 2
         assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
@@ -209,6 +210,11 @@ def test_device_and_overwrite(tmp_path, cache, capsys, baseline):
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     assert train.cli([*BASE, "--cache-dir", str(cache), "--out", str(out), "--epochs", "2", "--overwrite", "on"]) == 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    before = sorted(p.name for p in out.iterdir())
+    assert train.cli([*BASE, "--cache-dir", str(cache), "--out", str(out), "--train-patients", "99",
+                      "--overwrite", "on"]) == 2
+    assert "--train-patients 99" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before and len((out / "log.jsonl").read_text().splitlines()) == 2
 
 
 def test_predict_overrides_replace_the_checkpoints_post_processing(baseline):

@@ -228,26 +228,37 @@ def test_checkpoint_round_trips(ckpt):
         assert not torch.equal(model(x), train.build_model(train.TrainConfig(**raw["config"])).eval()(x))
 
 
-@pytest.mark.parametrize("kind", ["missing", "garbage"])
+@pytest.mark.parametrize("kind", ["missing", "garbage", "last.pt"])
 def test_bad_checkpoint_exits_2(kind, tmp_path, capsys):
     path = tmp_path / "best.pt"
     if kind == "garbage":
         path.write_bytes(b"not a checkpoint")
+    if kind == "last.pt":  # a training state (train.save_last's keys), the file beside best.pt in a run folder
+        path = tmp_path / "last.pt"
+        torch.save({"model": {}, "optimizer": {}, "progress": {"epoch": 2}}, path)
     out = tmp_path / "out"
     rc = predict.cli(["--ckpt", str(path), "--out", str(out), "--device", "cpu", str(tmp_path)])
     captured = capsys.readouterr()
     assert rc == 2
     lines = nonempty_lines(captured.err)
     assert len(lines) == 1 and "checkpoint" in lines[0] and str(path) in lines[0], captured.err
+    assert kind != "last.pt" or "use the run's best.pt" in lines[0]
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [[], ["--batch-size", "0", "case"], ["--device", "tpu", "case"]])
-def test_bad_arguments_exit_2(argv, tmp_path, capsys):
+@pytest.mark.parametrize("argv,needle", [
+    ([], "the following arguments are required: CASE_DIR"),
+    (["--batch-size", "0", "case"], "--batch-size must be positive"),
+    (["--device", "tpu", "case"], "--device tpu"),
+    (["--threshold", "0", "case"], "--threshold must be between 0 and 1"),
+    (["--threshold", "1.5", "case"], "--threshold must be between 0 and 1"),
+    (["--min-component", "-3", "case"], "--min-component must not be negative"),
+])
+def test_bad_arguments_exit_2(argv, needle, tmp_path, capsys):
     rc = predict.cli(["--ckpt", str(tmp_path / "best.pt"), "--out", str(tmp_path / "out"), *argv])
     captured = capsys.readouterr()
     assert rc == 2
-    assert "error" in captured.err and "Traceback" not in captured.err
+    assert needle in captured.err and "Traceback" not in captured.err
     assert not (tmp_path / "out").exists()
 
 

@@ -167,6 +167,43 @@ def test_a_non_finite_loss_stops_with_one_line(cache, tmp_path, monkeypatch, bad
     assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
 
 
+def test_a_non_finite_loss_in_epoch_1_names_no_checkpoint(cache, tmp_path, monkeypatch):
+    """Stopped in epoch 1, before any last.pt exists: the line says no checkpoint was written, not a last.pt."""
+    out = tmp_path / "run"
+    real_loss, calls = train.dice_bce_loss, []
+
+    def nan_from_step_3(logits, target, **kwargs):
+        calls.append(1)
+        loss = real_loss(logits, target, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(train, "dice_bce_loss", nan_from_step_3)
+    code, err = run_in_process([*ARGS, "--cache-dir", str(cache), "--out", str(out)])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "at epoch 1, step 3 of 8" in lines[0] and "no checkpoint was written yet" in lines[0], lines[0]
+    assert "last.pt" not in lines[0] and not (out / "last.pt").exists()
+
+
+def test_a_failed_figure_leaves_the_run_resumable(reference, cache, tmp_path, monkeypatch):
+    """metrics.json, the mark of a finished run, is written after the figures: a figure that fails (a full disk)
+    leaves no metrics.json, so the --resume the error line names draws them and ends like the run never stopped."""
+    out = tmp_path / "run"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.figures, "run_figures", disk_full)
+    code, err = run_in_process([*ARGS, "--cache-dir", str(cache), "--out", str(out)])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "No space left" in lines[0] and f"--resume {out}" in lines[0], err
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    code, err = run_in_process(["--resume", str(out)])
+    assert code == 0, err
+    assert metrics_of(out) == metrics_of(reference) and (out / "curves.png").is_file()
+
+
 def test_resume_refuses_a_conflicting_flag_and_a_folder_without_a_run(reference, tmp_path):
     code, err = run_in_process(["--resume", str(reference), "--lr", "0.5"])
     assert code == 2 and err.count("\n") == 1 and "--lr 0.5 conflicts" in err

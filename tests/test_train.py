@@ -418,7 +418,7 @@ def bad_h5_folder(tmp_path, kind: str):
 ])
 def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     folder = bad_h5_folder(tmp_path, kind)
-    proc = run_cli("--data", f"h5:{folder}", "--size", "16", "--device", "cpu", "--out", str(tmp_path / "run"),
+    proc = run_cli("--data", f"h5:{folder}", "--size", "16", "--depth", "2", "--device", "cpu", "--out", str(tmp_path / "run"),
                    "--cache-dir", str(tmp_path / "cache"))
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "run").exists()
@@ -435,6 +435,12 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--channel", "4"], "--channel must be in 0..3"),
     (["--time-budget", "-5"], "--time-budget must not be negative"),
+    (["--time-budget", "nan"], "--time-budget must be a finite number, got nan"),
+    (["--warmup", "inf"], "--warmup must be a finite number, got inf"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--size", "16", "--depth", "4"], "--depth 4 halves --size 16 to under 2 px"),
+    (["--out", "FILE"], "is a file, not a folder"),
+    (["--cache-dir", "FILE"], "cannot create the cache folder"),
     (["--seed", "-1"], "--seed must not be negative"),
     (["--train-seed", "-2"], "--train-seed must not be negative"),
     (["--train-patients", "-1"], "--train-patients must not be negative, got -1"),
@@ -456,12 +462,16 @@ def test_bad_h5_data_is_one_line(tmp_path, kind, needle):
 ])
 def test_bad_arguments_are_one_line(tmp_path, args, needle):
     (tmp_path / "empty").mkdir()
-    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    (tmp_path / "file").write_text("")
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("FILE", str(tmp_path / "file")) for a in args]
     if "--data" not in args:
         args += ["--data", "synthetic:3x4"]
+    for flag, value in (("--out", tmp_path / "run"), ("--cache-dir", tmp_path / "c")):
+        if flag not in args:
+            args += [flag, str(value)]
     err_file = tmp_path / "err.txt"
     with open(err_file, "w") as err:
-        code = _cli_capturing(args + ["--device", "cpu", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")], err)
+        code = _cli_capturing(args + ["--device", "cpu"], err)
     lines = err_file.read_text().strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "run").exists()
@@ -491,7 +501,7 @@ def test_nifti_missing_modality_is_one_line(sample_dir, tmp_path):
         for m in ("flair", "t1", "t1ce", "t2", "seg"):
             if not (c == "B" and m == "t2"):
                 os.symlink(src / f"Brats18_CBICA_ABM_1_{m}.nii.gz", root / c / f"{c}_{m}.nii.gz")
-    proc = run_cli("--data", f"nifti:{root}", "--size", "16", "--device", "cpu", "--out", str(tmp_path / "run"),
+    proc = run_cli("--data", f"nifti:{root}", "--size", "16", "--depth", "2", "--device", "cpu", "--out", str(tmp_path / "run"),
                    "--cache-dir", str(tmp_path / "cache"))
     assert_one_line_error(proc, "missing modality t2", str(root / "B"))
 
