@@ -730,13 +730,20 @@ def main(cfg: TrainConfig) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    cfg = None
     try:
-        main(parse_args(argv))
+        cfg = parse_args(argv)
+        main(cfg)
     except data.UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     except Stopped as s:  # the resume line is already printed
         return 128 + s.signum
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (the cache build, the test phase)
+        resumable = cfg is not None and (Path(cfg.out) / "last.pt").exists()
+        print("train.py: interrupted" + (f"; resume with `python train.py --resume {cfg.out}`" if resumable else
+                                         " before any epoch ended: nothing to resume"), file=sys.stderr)
+        return 130
     return 0
 
 

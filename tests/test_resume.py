@@ -204,6 +204,23 @@ def test_a_failed_figure_leaves_the_run_resumable(reference, cache, tmp_path, mo
     assert metrics_of(out) == metrics_of(reference) and (out / "curves.png").is_file()
 
 
+@pytest.mark.parametrize("where", ["cache build", "test phase"])
+def test_ctrl_c_outside_the_training_loop_is_one_line(where, cache, tmp_path, monkeypatch):
+    """Ctrl-C while the cache builds (nothing trained) or in the test phase (last.pt written): exit 130 and one line,
+    the resume command only where there is something to resume."""
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*((train.data, "prepare") if where == "cache build" else (train, "test")), interrupted)
+    code, err = run_in_process([*ARGS, "--epochs", "1", "--cache-dir", str(cache), "--out", str(out)])
+    lines = err.strip().splitlines()
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("train.py: interrupted"), err
+    assert (f"python train.py --resume {out}" in lines[0]) == (where == "test phase")
+    assert "nothing to resume" in lines[0] if where == "cache build" else (out / "last.pt").is_file()
+
+
 def test_resume_refuses_a_conflicting_flag_and_a_folder_without_a_run(reference, tmp_path):
     code, err = run_in_process(["--resume", str(reference), "--lr", "0.5"])
     assert code == 2 and err.count("\n") == 1 and "--lr 0.5 conflicts" in err
