@@ -124,7 +124,8 @@ def make_checkpoint(model: UNet, cfg: dict, channels: list[int], epoch: int, val
     regions = list(data.TARGETS[cfg["target"]])
     return {"model": model.state_dict(), "unet": asdict(model.cfg), "config": cfg, "channels": channels,
             "context": cfg["context"], "size": cfg["size"], "crop": cfg["crop"] == "on", "regions": regions,
-            "epoch": epoch, "val_dice": val_dice, "post": {r: dict(UNCHOSEN) for r in regions}}
+            "epoch": epoch, "val_dice": val_dice, "post": {r: dict(UNCHOSEN) for r in regions},
+            "post_chosen": False}
 
 
 def region_post(ckpt: dict) -> tuple[list[str], dict]:
@@ -208,6 +209,7 @@ class Predictor:
     tta: bool = False    # average over the four flips
     regions: list[str] = field(default_factory=lambda: ["wt"])
     post: dict = field(default_factory=lambda: {"wt": dict(UNCHOSEN)})
+    unchosen: list[str] = field(default_factory=list)  # checkpoints whose post-processing was never chosen
 
     @classmethod
     def from_checkpoints(cls, paths: list[Path], device: torch.device, batch_size: int = 32, tta: bool = False,
@@ -232,7 +234,8 @@ class Predictor:
                     "min_component": int(np.median([c["post"][r]["min_component"] for c in ckpts])),
                     "largest_3d": 2 * sum(bool(c["post"][r]["largest_3d"]) for c in ckpts) > len(ckpts),
                     "min_volume": int(np.median([c["post"][r]["min_volume"] for c in ckpts]))} for r in regions}
-        return cls(models, *prep[0], device, speed, batch_size, tta, list(regions), post)
+        unchosen = [str(p) for p, c in zip(paths, ckpts) if c.get("post_chosen") is False]  # older files: chosen
+        return cls(models, *prep[0], device, speed, batch_size, tta, list(regions), post, unchosen)
 
     def probs(self, images: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
         """Probabilities (S, R, 240, 240) float16 of each region of one volume's preprocessed slices (S, 4, size,

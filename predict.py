@@ -67,6 +67,10 @@ def load_predictor(args: argparse.Namespace) -> inference.Predictor:
     overrides = {k: v for k, v in (("threshold", args.threshold), ("min_component", args.min_component),
                                    ("largest_3d", None if args.largest_3d is None else args.largest_3d == "on"))
                  if v is not None}
+    if predictor.unchosen:
+        print(f"predict.py: note: {', '.join(predictor.unchosen)}: its run stopped before its test phase chose the "
+              f"post-processing, so threshold 0.5 and no clean-up apply unless given (finish the run with --resume)",
+              file=sys.stderr)
     return dataclasses.replace(predictor, post={r: {**p, **overrides} for r, p in predictor.post.items()})
 
 

@@ -666,7 +666,7 @@ def test(cfg: TrainConfig, run: Run, cache: data.Cache, split: dict, log: list[d
         post, val_best = inference.choose_region_postprocessing(
             inference.volume_probs(predictor, cache, split["val"]), val_labels, regions)
     ckpt = torch.load(run.out / "best.pt", map_location="cpu", weights_only=True)
-    inference.save_checkpoint({**ckpt, "post": post}, run.out / "best.pt")
+    inference.save_checkpoint({**ckpt, "post": post, "post_chosen": True}, run.out / "best.pt")
     kept = ckpt["epoch"]
     if cfg.train_on == "all":
         result = {"test": None, "regions": regions, "post": post, "train_on": cfg.train_on, "best_epoch": kept,

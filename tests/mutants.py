@@ -342,6 +342,8 @@ MUTANTS = [
     ("predict.py takes any --threshold", 'predict.py',
      'if args.threshold is not None and not 0 < args.threshold < 1:', 'if False:',
      'tests/test_predict.py -k bad_arguments'),
+    ("predict.py takes a stopped run's unchosen post-processing for a chosen one", 'inference.py',
+     'if c.get("post_chosen") is False]', 'if False]', 'tests/test_predict.py -k never_chosen'),
     ("--overwrite on keeps the old run's files", 'train.py',
      '            (run.out / name).unlink()\n',
      '            pass\n', 'tests/test_flags.py -k overwrite'),

@@ -228,6 +228,22 @@ def test_checkpoint_round_trips(ckpt):
         assert not torch.equal(model(x), train.build_model(train.TrainConfig(**raw["config"])).eval()(x))
 
 
+def test_a_checkpoint_whose_post_processing_was_never_chosen_is_named(ckpt, tmp_path, capsys):
+    """best.pt of a run stopped before its test phase holds the unchosen post-processing (threshold 0.5, no
+    clean-up): predict.py says so in one note; a finished run's best.pt, or an older file without the mark, not."""
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert raw["post_chosen"] is True
+    stopped, older = tmp_path / "stopped.pt", tmp_path / "older.pt"
+    torch.save({**raw, "post": {"wt": dict(inference.UNCHOSEN)}, "post_chosen": False}, stopped)
+    torch.save({k: v for k, v in raw.items() if k != "post_chosen"}, older)
+    for path, noted in ((stopped, True), (ckpt, False), (older, False)):
+        predictor = predict.load_predictor(predict.parse_args(["--ckpt", str(path), "--out", "x", "--device", "cpu",
+                                                               "case"]))
+        err = capsys.readouterr().err
+        assert predictor.unchosen == ([str(path)] if noted else [])
+        assert (err.count("\n"), str(path) in err, "threshold 0.5" in err) == ((1, True, True) if noted else (0, False, False))
+
+
 @pytest.mark.parametrize("kind", ["missing", "garbage", "last.pt"])
 def test_bad_checkpoint_exits_2(kind, tmp_path, capsys):
     path = tmp_path / "best.pt"
