@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 import inference  # noqa: E402
@@ -276,9 +277,12 @@ def cross_validate(argv: list[str]) -> int:
                                      "report_only": True})
     if not args.report_only:
         folds = args.only if args.only is not None else list(range(args.folds))
-        with ThreadPoolExecutor(args.jobs) as pool:
+        with ThreadPoolExecutor(args.jobs) as pool, \
+                tqdm(total=len(folds), desc=f"folds ({args.jobs} at a time; each one's progress in its log)",
+                     unit="fold", disable=None) as bar:
             for fold, code, seconds in pool.map(lambda f: run_fold(f, args, train_args), folds):
-                print(f"fold {fold}: exit {code} after {seconds / 60:.1f} min (log {args.out / f'fold{fold}.log'})", flush=True)
+                tqdm.write(f"fold {fold}: exit {code} after {seconds / 60:.1f} min (log {args.out / f'fold{fold}.log'})")
+                bar.update()
                 if code:
                     failed.append(fold)
     text = report(args)
