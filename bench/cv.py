@@ -7,9 +7,10 @@ Fold i trains with `--folds K --fold i` (test = fold i, validation = fold i + 1,
 patient is a test patient exactly once and nothing is chosen on it. Folds run --jobs at a time (each with
 OMP_NUM_THREADS = cores / jobs, train.py in the folder cv.py runs in); a fold whose metrics.json exists is not run
 again, one with a last.pt is resumed, any other starts over. The report (stdout and OUT/cv.md): one row per patient
-(fold, site, Dice, IoU, HD95, tumour volume; with --target regions each region's Dice and HD95), then mean, std and min over patients, over each site (data.site_of) and over
-each --group NAME=ID,ID,... and the rest, with the folds' wall times; --against OTHER_OUT compares each patient's
-whole-tumour Dice with another cross-validation's on the same folds (a lever against the recipe).
+(fold, site, Dice, IoU, HD95, tumour volume; with --target regions each region's Dice and HD95), then mean, std and
+min over patients, over each site (data.site_of) and over each --group NAME=ID,ID,... and the rest, with the folds'
+wall times; --against OTHER_OUT compares each patient's whole-tumour Dice with another cross-validation's on the
+same folds (a lever against the recipe).
 
     python bench/cv.py --folds 7 --out runs/cv --retest runs/cv_retest   # the test phase again, with today's code
 
