@@ -1,4 +1,5 @@
-"""bench/cv.py: the post-processing of a fold is never chosen on its own test patients."""
+"""bench/cv.py: the post-processing of a fold is never chosen on its own test patients; the report reads both
+metrics formats; folds resume or start over, land where cv.py is started, and what cannot be reported is one line."""
 import argparse
 import json
 import subprocess
