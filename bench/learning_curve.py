@@ -1,6 +1,7 @@
 """The learning curve: mean test Dice against the number of training patients, over cross-validations of one recipe.
 
     python bench/learning_curve.py --folds 8 runs/lc32_6 runs/lc32_12 runs/lc32_18 runs/cv32 --at 260
+    python bench/learning_curve.py --folds 8 runs/lc32_6 runs/lc32_12 records/cv32-recipe --at 260 --only 0 1 2 3
 
 Each OUT is a finished `bench/cv.py` cross-validation (the same folds, the recipe trained with `--train-patients N`,
 or on every training patient); N is read from each fold's split.json (the patients it trained on), never given by
@@ -61,13 +62,24 @@ def trained_patients(out: Path, folds: list[int]) -> int:
     return counts.pop()
 
 
-def learning_curve(outs: list[Path], k: int, at: float | None) -> str:
-    """The report: per cross-validation its N and mean Dice (all patients, and per fold), the fit, the value --at."""
-    points = []  # (N, out, rows)
+def learning_curve(outs: list[Path], k: int, at: float | None, only: list[int] | None = None) -> str:
+    """The report: per cross-validation its N and mean Dice (all patients, and per fold), the fit, the value --at.
+    `only` keeps those folds of every cross-validation (each must have finished them all), so that a curve run on
+    some folds meets a reference run on all; a reference's mean over all its folds is given beside, for the bias."""
+    points, beside = [], []  # (N, out, rows); lines on the folds `only` left out
     for out in outs:
         rows, walls, _ = read_folds(out, k)
         if not rows:
             raise ValueError(f"{out}: no finished fold (no fold<i>/metrics.json of {k} folds)")
+        if only is not None:
+            missing = sorted(set(only) - set(walls))
+            if missing:
+                raise ValueError(f"{out}: fold(s) {missing} of --only not finished")
+            if set(walls) - set(only):
+                beside.append(f"{out} also finished fold(s) {sorted(set(walls) - set(only))}: its mean over all "
+                              f"{len(rows)} patients is {statistics.mean(r['dice'] for r in rows):.3f}")
+            rows = [r for r in rows if r["fold"] in only]
+            walls = {f: walls[f] for f in only}
         points.append((trained_patients(out, sorted(walls)), out, rows))
     fold_sets = {tuple(sorted({r["fold"] for r in rows})) for _, _, rows in points}
     if len(fold_sets) != 1:
@@ -87,6 +99,8 @@ def learning_curve(outs: list[Path], k: int, at: float | None) -> str:
             per_fold.setdefault(f, []).append(m)
         lines.append(f"| {n} | {out} | {len(rows)} | {mean:.3f} | {min(r['dice'] for r in rows):.3f} | "
                      + " | ".join(f"{m:.3f}" for m in fold_means) + " |")
+    if only is not None:
+        lines += ["", f"folds {' '.join(map(str, folds))} of {k} only (--only)"] + beside
     params = fit_power(ns, means)
     a, b, c = params
     edge = " (c at the grid's edge: the points do not pin the curvature)" if c in (C_GRID[0], C_GRID[-1]) else ""
@@ -107,9 +121,13 @@ def main() -> int:
     p.add_argument("outs", type=Path, nargs="+", metavar="OUT", help="bench/cv.py output folders, one per N")
     p.add_argument("--folds", type=int, default=8, help="K of the cross-validations (default 8)")
     p.add_argument("--at", type=float, default=None, help="also the fitted curve's value at this N (an extrapolation)")
+    p.add_argument("--only", type=int, nargs="+", default=None, metavar="FOLD",
+                   help="use only these folds of every cross-validation (e.g. a curve run on some folds)")
     args = p.parse_args()
+    if args.only is not None and not all(0 <= f < args.folds for f in args.only):
+        p.error(f"--only takes folds 0 to {args.folds - 1}, got {args.only}")
     try:
-        text = learning_curve(args.outs, args.folds, args.at)
+        text = learning_curve(args.outs, args.folds, args.at, sorted(set(args.only)) if args.only else None)
     except (ValueError, OSError, KeyError) as e:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)
         return 2

@@ -218,6 +218,8 @@ MUTANTS = [
      'len(split.get("trained_on", split["train"]))', 'len(split["train"])', "tests/test_learning_curve.py -k report"),
     ("the learning curve's folds fitted on the pooled means", "bench/learning_curve.py",
      "fit_power(ns, per_fold[f])", "fit_power(ns, means)", "tests/test_learning_curve.py -k report"),
+    ("the learning curve's --only keeping every fold", "bench/learning_curve.py",
+     'rows = [r for r in rows if r["fold"] in only]', "rows = rows", "tests/test_learning_curve.py -k only"),
     # figures
     ("--against compares with the wrong run's patients", "bench/cv.py", "pairs = [(r[\"dice\"], theirs[r[\"id\"]]) for r in rows if r[\"id\"] in theirs]",
      "pairs = [(r[\"dice\"], r[\"dice\"]) for r in rows if r[\"id\"] in theirs]", "tests/test_cv.py -k against"),

@@ -73,3 +73,27 @@ def test_report_refuses_mixed_n_and_unequal_folds_with_one_line(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         "learning_curve.py: error: the fit has 3 parameters: it needs 3 or more training-set sizes, got [12, 24]"]
+
+
+def test_only_fits_the_folds_every_curve_ran_and_gives_the_references_full_mean_beside(tmp_path):
+    """Curves run on folds 0 and 1 of 3 against a reference that ran all 3: without --only the folds differ and
+    the report refuses; with --only 0 1 the reference's fold 2 (Dice 0.5, far off the curve) leaves the fit, which
+    is again exact, and its mean over all three folds is named beside."""
+    lc = load()
+    for name, n in (("n6", 6), ("n12", 12)):
+        write_cv(tmp_path / name, [n, n], [on_curve(n) + 0.02, on_curve(n) - 0.02])
+    write_cv(tmp_path / "ref", [24, 24, 24], [on_curve(24) + 0.02, on_curve(24) - 0.02, 0.5])
+    outs = [tmp_path / "n6", tmp_path / "n12", tmp_path / "ref"]
+    with pytest.raises(ValueError, match="did not finish the same folds"):
+        lc.learning_curve(outs, 3, 260)
+    text = lc.learning_curve(outs, 3, 260, [0, 1])
+    assert "Dice = 0.9000 - 0.5000 * N^(-0.500)" in text
+    assert "at N = 260: 0.869" in text
+    full = (2 * on_curve(24) + 0.5) / 3
+    assert f"{tmp_path / 'ref'} also finished fold(s) [2]: its mean over all 3 patients is {full:.3f}" in text
+    with pytest.raises(ValueError, match=r"n6: fold\(s\) \[2\] of --only not finished"):
+        lc.learning_curve(outs, 3, 260, [0, 2])
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "learning_curve.py"), "--folds", "3", *map(str, outs),
+                           "--only", "3"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == "learning_curve.py: error: --only takes folds 0 to 2, got [3]"
