@@ -104,15 +104,11 @@ def predict_case(predictor: inference.Predictor, case_dir: Path, out: Path) -> l
     pred = pred_regions[:, 0]  # the whole tumour
     voxel_ml = float(np.prod(spacing[:3])) / 1000.0
     nii, png = out / f"{name}.nii.gz", out / f"{name}.png"
-    write_nifti(pred.transpose(1, 2, 0), case_dir, affine, nii)
-    written = f"{nii}"
-    if len(regions) > 1:
-        labels = out / f"{name}_labels.nii.gz"
-        write_nifti(data.labels_from_regions(pred_regions, regions).transpose(1, 2, 0), case_dir, affine, labels)
-        written += f", {labels.name}"
+    labels = out / f"{name}_labels.nii.gz" if len(regions) > 1 else None
+    written = f"{nii}" + (f", {labels.name}" if labels else "")
     lines = [f"{name}: wrote {written} and {png.name}; tumour {pred.sum() * voxel_ml:.2f} mL ({int(pred.sum())} voxels)"]
     title = f"{name}: predicted tumour {pred.sum() * voxel_ml:.1f} mL"
-    truth = truth_regions = None
+    truth_regions = None
     if label is not None:
         truth_regions = data.region_masks(label, regions)
         truth = truth_regions[:, 0]
@@ -131,7 +127,16 @@ def predict_case(predictor: inference.Predictor, case_dir: Path, out: Path) -> l
         found = [f"{k} {metrics.BRATS_LABELS[k]} " + (f"{100 * r:.1f}% of {n * voxel_ml:.2f} mL" if n else "absent")
                  for k, (r, n) in metrics.recall_per_label(pred, label).items()]
         lines.append(f"{name}: found per label: " + ", ".join(found))
-    figures.write_montage(image[..., data.FLAIR], pred_regions, truth_regions, png, title, regions)
+    try:  # a case gets all its files or none: a montage that fails takes the case's masks with it
+        write_nifti(pred.transpose(1, 2, 0), case_dir, affine, nii)
+        if labels:
+            write_nifti(data.labels_from_regions(pred_regions, regions).transpose(1, 2, 0), case_dir, affine, labels)
+        figures.write_montage(image[..., data.FLAIR], pred_regions, truth_regions, png, title, regions)
+    except BaseException:
+        for path in (nii, labels, png):
+            if path:
+                path.unlink(missing_ok=True)
+        raise
     return lines
 
 
@@ -151,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
             seen.add(name)
             for line in predict_case(predictor, case_dir, args.out):
                 tqdm.write(line, file=sys.stdout)
-        except (data.DataError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 -- one case's failure, whatever it is, must not stop the others
             failed += 1
             msg = str(e) if isinstance(e, data.DataError) else f"{type(e).__name__}: {e}"
             msg = msg if name in msg else f"{case_dir}: {msg}"

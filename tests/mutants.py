@@ -218,6 +218,11 @@ MUTANTS = [
      'len(split.get("trained_on", split["train"]))', 'len(split["train"])', "tests/test_learning_curve.py -k report"),
     ("the learning curve's folds fitted on the pooled means", "bench/learning_curve.py",
      "fit_power(ns, per_fold[f])", "fit_power(ns, means)", "tests/test_learning_curve.py -k report"),
+    ("a case whose montage fails keeps its mask", "predict.py",
+     "                path.unlink(missing_ok=True)", "                pass", "tests/test_predict.py -k fails_late"),
+    ("an unknown error in one case stops every case", "predict.py",
+     "        except Exception as e:  # noqa: BLE001", "        except (data.DataError, OSError) as e:  # noqa: BLE001",
+     "tests/test_predict.py -k fails_late"),
     ("the learning curve's --only keeping every fold", "bench/learning_curve.py",
      'rows = [r for r in rows if r["fold"] in only]', "rows = rows", "tests/test_learning_curve.py -k only"),
     # figures

@@ -80,6 +80,29 @@ def test_missing_modality_fails_that_case_only(mixed_run):
     assert "1 of 2 cases failed" in mixed_run.stdout
 
 
+def test_a_case_that_fails_late_leaves_none_of_its_files_and_the_next_case_runs(ckpt, sample, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A montage that fails with an error predict.py does not know (ValueError) after the case's mask was written:
+    that case fails with one line and leaves no file; the case after it is written in full."""
+    import figures
+
+    real = figures.write_montage
+
+    def montage(flair, pred, truth, path, *rest):
+        if GOOD in path.name:
+            assert (tmp_path / "out" / f"{GOOD}.nii.gz").is_file()  # the mask is on disk when the montage fails
+            raise ValueError("montage broke")
+        return real(flair, pred, truth, path, *rest)
+
+    monkeypatch.setattr(figures, "write_montage", montage)
+    out = tmp_path / "out"
+    rc = predict.cli(["--ckpt", str(ckpt), "--out", str(out), "--device", "cpu", str(sample / GOOD), str(sample / OTHER)])
+    err = nonempty_lines(capsys.readouterr().err)
+    assert rc == 1
+    assert err == [f"predict.py: error: case {GOOD} failed: {sample / GOOD}: ValueError: montage broke"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{OTHER}.nii.gz", f"{OTHER}.png"]
+
+
 def test_mask_orientation_post_processing_and_channels_with_an_oracle(ckpt, sample, tmp_path, monkeypatch, capsys):
     """Logits that reproduce the label, plus three decoys each removed by one of the checkpoint's non-default
     post-processing settings: a soft ring around the tumour at logit 0.8 (sigmoid 0.69: under threshold 0.7, over it
