@@ -75,8 +75,9 @@ def learning_curve(outs: list[Path], k: int, at: float | None, only: list[int] |
             missing = sorted(set(only) - set(walls))
             if missing:
                 raise ValueError(f"{out}: fold(s) {missing} of --only not finished")
-            if set(walls) - set(only):
-                beside.append(f"{out} also finished fold(s) {sorted(set(walls) - set(only))}: its mean over all "
+            extra = sorted(set(walls) - set(only))
+            if extra:
+                beside.append(f"{out} also finished fold(s) {extra}: its mean over all "
                               f"{len(rows)} patients is {statistics.mean(r['dice'] for r in rows):.3f}")
             rows = [r for r in rows if r["fold"] in only]
             walls = {f: walls[f] for f in only}
@@ -127,7 +128,7 @@ def main() -> int:
     if args.only is not None and not all(0 <= f < args.folds for f in args.only):
         p.error(f"--only takes folds 0 to {args.folds - 1}, got {args.only}")
     try:
-        text = learning_curve(args.outs, args.folds, args.at, sorted(set(args.only)) if args.only else None)
+        text = learning_curve(args.outs, args.folds, args.at, sorted(set(args.only)) if args.only is not None else None)
     except (ValueError, OSError, KeyError) as e:
         print(f"learning_curve.py: error: {e}", file=sys.stderr)
         return 2
